@@ -1,0 +1,1 @@
+"""Offline build stage: quantisation, engine builds, signed bundles."""

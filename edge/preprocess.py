@@ -1,0 +1,82 @@
+"""Frame -> engine input: 16-to-8-bit mapping, letterbox, BGR->RGB, [0, 1] scaling, HWC->CHW.
+
+This is the numpy/OpenCV reference; the CUDA preprocess kernel implements the same semantics.
+The letterbox follows the convention YOLO models are trained with: scale to fit, centre, pad
+with grey 114, split odd padding so the extra pixel goes to the bottom/right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cellseg.edge.intensity import IntensityMapping, to_uint8
+from cellseg.edge.types import Frame, Letterbox
+
+PAD_VALUE = 114
+
+
+def letterbox_geometry(frame_width: int, frame_height: int, input_width: int, input_height: int) -> Letterbox:
+    """Scale and padding that fit a frame into the input, preserving its aspect ratio."""
+    scale = min(input_width / frame_width, input_height / frame_height)
+    resized_w, resized_h = round(frame_width * scale), round(frame_height * scale)
+    dw, dh = (input_width - resized_w) / 2, (input_height - resized_h) / 2
+    # round(d - 0.1) puts the odd pixel of padding on the right/bottom side, as in training.
+    return Letterbox(
+        scale=scale,
+        pad_x=round(dw - 0.1),
+        pad_y=round(dh - 0.1),
+        frame_width=frame_width,
+        frame_height=frame_height,
+        input_width=input_width,
+        input_height=input_height,
+    )
+
+
+def letterbox_image(image: npt.NDArray[np.uint8], geometry: Letterbox) -> npt.NDArray[np.uint8]:
+    """Resize (bilinear) and pad an 8-bit ``(H, W)`` or ``(H, W, C)`` image to the input size."""
+    import cv2
+
+    g = geometry
+    if (g.resized_width, g.resized_height) != (g.frame_width, g.frame_height):
+        image = cv2.resize(image, (g.resized_width, g.resized_height), interpolation=cv2.INTER_LINEAR)
+    shape = (g.input_height, g.input_width) + image.shape[2:]
+    out = np.full(shape, PAD_VALUE, dtype=np.uint8)
+    out[g.pad_y : g.pad_y + g.resized_height, g.pad_x : g.pad_x + g.resized_width] = image
+    return out
+
+
+class Preprocessor:
+    """Turns frames into ``(1, 3, H, W)`` float32 engine input, reusing one input buffer.
+
+    The returned array is the preprocessor's own buffer: it is overwritten by the next call.
+    """
+
+    def __init__(self, input_width: int, input_height: int, mapping: IntensityMapping | None = None) -> None:
+        self.input_width = input_width
+        self.input_height = input_height
+        self.mapping = mapping or IntensityMapping()
+        self._buffer = np.empty((1, 3, input_height, input_width), dtype=np.float32)
+
+    def __call__(self, frame: Frame) -> tuple[npt.NDArray[np.float32], Letterbox]:
+        geometry = letterbox_geometry(frame.width, frame.height, self.input_width, self.input_height)
+        image8 = to_uint8(frame.pixels, self.mapping)
+        boxed = letterbox_image(image8, geometry)
+        scale = np.float32(1.0 / 255.0)
+        if boxed.ndim == 2:
+            # Grey: one channel scaled once, copied into R, G and B.
+            np.multiply(boxed, scale, out=self._buffer[0, 0], casting="unsafe")
+            self._buffer[0, 1] = self._buffer[0, 0]
+            self._buffer[0, 2] = self._buffer[0, 0]
+        else:
+            for dst, src in enumerate((2, 1, 0)):  # BGR -> RGB
+                np.multiply(boxed[:, :, src], scale, out=self._buffer[0, dst], casting="unsafe")
+        return self._buffer, geometry
+
+
+def preprocess(frame: Frame, input_width: int, input_height: int, mapping: IntensityMapping | None = None) -> Any:
+    """One-shot form of :class:`Preprocessor` returning a fresh array (tests, tools)."""
+    tensor, geometry = Preprocessor(input_width, input_height, mapping)(frame)
+    return tensor.copy(), geometry

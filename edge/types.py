@@ -1,0 +1,206 @@
+"""The validated types passed between the stages of the device pipeline.
+
+    Frame -> (preprocess) -> Letterbox + tensor -> (engine) -> raw outputs
+          -> (postprocess) -> Detections -> (measure) -> Measurement
+
+Each checks its shapes and dtypes in ``__post_init__`` and names the expected ones in its
+error, so a backend that returns something odd fails at the seam, not three stages later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cellseg.edge.errors import FrameError
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image from a source.
+
+    Attributes:
+        pixels: ``(H, W)`` grey or ``(H, W, 3)`` BGR, dtype uint8 or uint16.
+        source: where it came from (file path, camera name), for reports.
+        timestamp: wall-clock seconds since the epoch when it was captured.
+        seq: sequence number within its source.
+    """
+
+    pixels: npt.NDArray[Any]
+    source: str = ""
+    timestamp: float = 0.0
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        p = self.pixels
+        if not isinstance(p, np.ndarray):
+            raise FrameError(f"Frame.pixels must be a numpy array, got {type(p).__name__}")
+        if p.dtype not in (np.uint8, np.uint16):
+            raise FrameError(f"Frame.pixels must be uint8 or uint16, got {p.dtype}")
+        if not (p.ndim == 2 or (p.ndim == 3 and p.shape[2] == 3)):
+            raise FrameError(f"Frame.pixels must be (H, W) or (H, W, 3), got {p.shape}")
+        if p.shape[0] < 2 or p.shape[1] < 2:
+            raise FrameError(f"Frame.pixels is too small: {p.shape}")
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a frame was fitted into the engine input: ``input = frame * scale + (pad_x, pad_y)``.
+
+    Attributes:
+        scale: resize factor applied to the frame.
+        pad_x, pad_y: left and top padding in input pixels.
+        frame_width, frame_height: the original frame size.
+        input_width, input_height: the engine input size.
+    """
+
+    scale: float
+    pad_x: int
+    pad_y: int
+    frame_width: int
+    frame_height: int
+    input_width: int
+    input_height: int
+
+    @property
+    def resized_width(self) -> int:
+        return round(self.frame_width * self.scale)
+
+    @property
+    def resized_height(self) -> int:
+        return round(self.frame_height * self.scale)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Instances found in one frame, in the frame's own pixel coordinates.
+
+    Masks stay cropped to their boxes: a dense culture has hundreds of cells, and N full-frame
+    masks would cost N x H x W bytes for almost nothing but zeros.
+
+    Attributes:
+        boxes: ``(N, 4)`` float32 ``x0, y0, x1, y1`` in frame pixels (continuous coordinates).
+        scores: ``(N,)`` float32 confidences, descending.
+        class_ids: ``(N,)`` int32 class indices.
+        mask_origins: ``(N, 2)`` int32 ``(x, y)`` of each mask's top-left pixel in the frame.
+        masks: N boolean arrays ``(h_i, w_i)``, pixel ``(r, c)`` of mask i being frame pixel
+            ``(mask_origins[i, 1] + r, mask_origins[i, 0] + c)``.
+        frame_width, frame_height: size of the frame they refer to.
+    """
+
+    boxes: npt.NDArray[np.float32]
+    scores: npt.NDArray[np.float32]
+    class_ids: npt.NDArray[np.int32]
+    mask_origins: npt.NDArray[np.int32]
+    masks: Sequence[npt.NDArray[np.bool_]]
+    frame_width: int
+    frame_height: int
+
+    def __post_init__(self) -> None:
+        n = self.boxes.shape[0] if self.boxes.ndim == 2 else -1
+        if self.boxes.ndim != 2 or self.boxes.shape[1] != 4:
+            raise ValueError(f"Detections.boxes must be (N, 4), got {self.boxes.shape}")
+        if self.scores.shape != (n,):
+            raise ValueError(f"Detections.scores must be ({n},), got {self.scores.shape}")
+        if self.class_ids.shape != (n,):
+            raise ValueError(f"Detections.class_ids must be ({n},), got {self.class_ids.shape}")
+        if self.mask_origins.shape != (n, 2):
+            raise ValueError(f"Detections.mask_origins must be ({n}, 2), got {self.mask_origins.shape}")
+        if len(self.masks) != n:
+            raise ValueError(f"Detections.masks must hold {n} masks, got {len(self.masks)}")
+        for i, (m, (x, y)) in enumerate(zip(self.masks, self.mask_origins.tolist(), strict=True)):
+            if m.ndim != 2 or m.dtype != np.bool_:
+                raise ValueError(f"Detections.masks[{i}] must be a 2-D bool array, got {m.dtype} {m.shape}")
+            if x < 0 or y < 0 or x + m.shape[1] > self.frame_width or y + m.shape[0] > self.frame_height:
+                raise ValueError(
+                    f"Detections.masks[{i}] at ({x}, {y}) size {m.shape[1]}x{m.shape[0]} leaves the "
+                    f"{self.frame_width}x{self.frame_height} frame"
+                )
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @classmethod
+    def empty(cls, frame_width: int, frame_height: int) -> Detections:
+        return cls(
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.int32),
+            np.zeros((0, 2), np.int32),
+            [],
+            frame_width,
+            frame_height,
+        )
+
+    def areas(self) -> npt.NDArray[np.int64]:
+        """``(N,)`` pixel count of each mask."""
+        return np.array([int(m.sum()) for m in self.masks], dtype=np.int64)
+
+    def union_mask(self) -> npt.NDArray[np.bool_]:
+        """``(H, W)`` union of all masks: the covered area, each pixel counted once."""
+        canvas = np.zeros((self.frame_height, self.frame_width), dtype=np.bool_)
+        for m, (x, y) in zip(self.masks, self.mask_origins.tolist(), strict=True):
+            canvas[y : y + m.shape[0], x : x + m.shape[1]] |= m
+        return canvas
+
+    def label_image(self) -> npt.NDArray[np.uint16]:
+        """``(H, W)`` uint16 instance labels, 0 = background, i + 1 = detection i.
+
+        Where masks overlap, the higher-scoring detection (lower index) keeps the pixel.
+        """
+        if len(self) > 65535:
+            raise ValueError(f"{len(self)} detections do not fit a 16-bit label image")
+        labels = np.zeros((self.frame_height, self.frame_width), dtype=np.uint16)
+        for i in range(len(self) - 1, -1, -1):
+            m = self.masks[i]
+            x, y = (int(v) for v in self.mask_origins[i])
+            region = labels[y : y + m.shape[0], x : x + m.shape[1]]
+            region[m] = i + 1
+        return labels
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the device reports for one frame.
+
+    Attributes:
+        seq, timestamp, source: copied from the Frame.
+        count: number of cells.
+        confluence_pct: area of the union of cell masks over the frame area, in percent.
+        areas_px: ``(count,)`` area of each cell in pixels.
+        pixel_size_um: micrometres per pixel when configured, else None.
+        latencies_ms: per-stage wall time (``preprocess``, ``infer``, ``postprocess``, ...).
+        engine_id: identifies the model that measured it.
+    """
+
+    seq: int
+    timestamp: float
+    source: str
+    count: int
+    confluence_pct: float
+    areas_px: npt.NDArray[np.int64]
+    frame_width: int
+    frame_height: int
+    pixel_size_um: float | None = None
+    latencies_ms: dict[str, float] = field(default_factory=dict)
+    engine_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.count != self.areas_px.shape[0]:
+            raise ValueError(f"Measurement.areas_px must have count={self.count} entries, got {self.areas_px.shape}")
+        if not 0.0 <= self.confluence_pct <= 100.0:
+            raise ValueError(f"Measurement.confluence_pct must be in [0, 100], got {self.confluence_pct}")
+        if self.pixel_size_um is not None and self.pixel_size_um <= 0:
+            raise ValueError(f"Measurement.pixel_size_um must be > 0, got {self.pixel_size_um}")

@@ -1,0 +1,239 @@
+"""``cellseg eval``: accuracy of an exported model on a dataset's val and test splits.
+
+Predictions come from the device's own pipeline (:class:`cellseg.edge.predictor.Predictor`
+on the ONNX model), so the numbers describe what the device will do, not the training
+framework. Reported per split:
+
+- box and mask Precision, Recall, mAP@50, mAP@50-95 (COCO protocol, see metrics.py), from
+  predictions at a low confidence (0.001) as is customary for mAP;
+- per image, cell count and confluence of the predictions at the model's operating confidence
+  against the ground truth, with their errors (count: cells and %; confluence: percentage points).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+from cellseg.edge.errors import DatasetError
+from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
+from cellseg.edge.postprocess import PostprocessConfig
+from cellseg.edge.predictor import Predictor
+from cellseg.edge.types import Detections, Frame
+from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
+from cellseg.training.yolo_dataset import SPLITS, load_data_yaml, read_label_file
+
+EVAL_CONF = 0.001
+
+
+@dataclass
+class ImageResult:
+    image: str
+    gt_count: int
+    pred_count: int
+    count_error: int
+    gt_confluence_pct: float
+    pred_confluence_pct: float
+    confluence_error_pp: float
+
+
+@dataclass
+class SplitReport:
+    split: str
+    images: int
+    instances: int
+    box: dict[str, float]
+    mask: dict[str, float]
+    count_mae: float
+    count_mape_pct: float
+    confluence_mae_pp: float
+    per_image: list[ImageResult] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    data: str
+    operating_conf: float
+    splits: list[SplitReport]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        head = (
+            f"{'split':<6}{'images':>7}{'cells':>7} | {'box P':>6}{'R':>7}{'mAP50':>7}{'50-95':>7} | "
+            f"{'mask P':>6}{'R':>7}{'mAP50':>7}{'50-95':>7} | {'count MAE':>9}{'MAPE%':>7}{'confl. MAE pp':>14}"
+        )
+        lines = [f"model {self.model}, data {self.data}", head, "-" * len(head)]
+        for s in self.splits:
+            b, m = s.box, s.mask
+            lines.append(
+                f"{s.split:<6}{s.images:>7}{s.instances:>7} | {b['P']:>6.3f}{b['R']:>7.3f}{b['mAP50']:>7.3f}"
+                f"{b['mAP50-95']:>7.3f} | {m['P']:>6.3f}{m['R']:>7.3f}{m['mAP50']:>7.3f}{m['mAP50-95']:>7.3f} | "
+                f"{s.count_mae:>9.2f}{s.count_mape_pct:>7.1f}{s.confluence_mae_pp:>14.2f}"
+            )
+        lines.append("")
+        lines.append(f"per image (operating confidence {self.operating_conf}):")
+        lines.append(f"  {'image':<28}{'gt':>5}{'pred':>6}{'err':>6}{'gt conf%':>10}{'pred conf%':>11}{'err pp':>8}")
+        for s in self.splits:
+            for r in s.per_image:
+                lines.append(
+                    f"  {s.split + '/' + r.image:<28}{r.gt_count:>5}{r.pred_count:>6}{r.count_error:>+6}"
+                    f"{r.gt_confluence_pct:>10.2f}{r.pred_confluence_pct:>11.2f}{r.confluence_error_pp:>+8.2f}"
+                )
+        return "\n".join(lines)
+
+
+def ground_truth(label_file: Path, width: int, height: int) -> Instances:
+    """Rasterise a YOLO-seg label file's polygons into cropped masks at the image's resolution."""
+    import cv2
+
+    polys = read_label_file(label_file, width, height) if label_file.is_file() else []
+    boxes, masks, origins = [], [], []
+    for inst in polys:
+        pts = np.rint(inst.polygon).astype(np.int32)
+        x0, y0 = np.clip(pts.min(axis=0), 0, [width - 1, height - 1])
+        x1, y1 = np.clip(pts.max(axis=0), 0, [width - 1, height - 1])
+        mask = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=np.uint8)
+        cv2.fillPoly(mask, [pts - np.array([x0, y0], dtype=np.int32)], 1)
+        masks.append(mask.astype(bool))
+        origins.append((x0, y0))
+        boxes.append((x0, y0, x1 + 1, y1 + 1))
+    n = len(polys)
+    return Instances(
+        boxes=np.asarray(boxes, dtype=np.float64).reshape(n, 4),
+        masks=masks,
+        origins=np.asarray(origins, dtype=np.int64).reshape(n, 2),
+        scores=np.ones(n),
+        class_ids=np.asarray([p.class_id for p in polys], dtype=np.int64),
+    )
+
+
+def predictions(det: Detections) -> Instances:
+    return Instances(
+        boxes=det.boxes.astype(np.float64),
+        masks=list(det.masks),
+        origins=det.mask_origins.astype(np.int64),
+        scores=det.scores.astype(np.float64),
+        class_ids=det.class_ids.astype(np.int64),
+    )
+
+
+def union_pct(inst: Instances, width: int, height: int, keep: npt.NDArray[np.bool_] | None = None) -> float:
+    canvas = np.zeros((height, width), dtype=bool)
+    for i, (m, (x, y)) in enumerate(zip(inst.masks, inst.origins.tolist(), strict=True)):
+        if keep is None or keep[i]:
+            canvas[y : y + m.shape[0], x : x + m.shape[1]] |= m
+    return 100.0 * float(canvas.sum()) / (width * height)
+
+
+def split_images(data: dict[str, Any], split: str) -> list[tuple[Path, Path]]:
+    """(image, label file) pairs of one split of a YOLO dataset."""
+    rel = data.get(split)
+    if not rel:
+        return []
+    folder = Path(data["path"]) / rel
+    if not folder.is_dir():
+        raise DatasetError(f"split {split}: image folder {folder} does not exist")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # ultralytics' convention: .../images/<split>/x.png <-> .../labels/<split>/x.txt
+    if "images" not in folder.parts:
+        raise DatasetError(f"split {split}: {folder} is not under an 'images' folder, so its labels cannot be found")
+    parts = list(folder.parts)
+    parts[len(parts) - 1 - parts[::-1].index("images")] = "labels"
+    label_dir = Path(*parts)
+    return [(img, label_dir / f"{img.stem}.txt") for img in images]
+
+
+def evaluate(
+    model: Path,
+    data_yaml: Path,
+    splits: tuple[str, ...] = ("val", "test"),
+    operating_conf: float | None = None,
+    iou: float | None = None,
+    max_det: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    keep_predictions: bool = False,
+) -> tuple[EvalReport, dict[str, list[tuple[str, Instances, Instances]]]]:
+    """Evaluate an ONNX model; returns the report and, with ``keep_predictions``, the raw
+    (image, ground truth, predictions) triples per split (for cross-checks)."""
+    data = load_data_yaml(data_yaml)
+    kept: dict[str, list[tuple[str, Instances, Instances]]] = {}
+    reports = []
+    with OnnxRuntimeEngine(model, threads=threads) as engine:
+        t = engine.info.thresholds
+        op_conf = t.conf if operating_conf is None else operating_conf
+        config = PostprocessConfig(conf=EVAL_CONF, iou=t.iou if iou is None else iou,
+                                   max_det=t.max_det if max_det is None else max_det, mask_threshold=t.mask_threshold)
+        predictor = Predictor(engine, config)
+        n_classes = engine.info.num_classes
+        for split in splits:
+            if split not in SPLITS:
+                raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+            pairs = split_images(data, split)
+            if not pairs:
+                continue
+            acc = {kind: [Accumulator() for _ in range(n_classes)] for kind in ("box", "mask")}
+            per_image, triples = [], []
+            for image_path, label_path in tqdm(pairs, desc=f"eval {split}", unit="image", disable=not progress):
+                pixels = read_image(image_path)
+                h, w = pixels.shape[:2]
+                gt = ground_truth(label_path, w, h)
+                det = predictor(Frame(pixels, source=str(image_path))).detections
+                pred = predictions(det)
+                for kind in ("box", "mask"):
+                    for c in range(n_classes):
+                        acc[kind][c].add(*image_matches(gt, pred, c, kind))
+                operating = pred.scores > op_conf
+                pc, gc = int(operating.sum()), len(gt)
+                gconf, pconf = union_pct(gt, w, h), union_pct(pred, w, h, operating)
+                per_image.append(ImageResult(image_path.stem, gc, pc, pc - gc, round(gconf, 4), round(pconf, 4),
+                                             round(pconf - gconf, 4)))
+                if keep_predictions:
+                    triples.append((str(image_path), gt, pred))
+            kept[split] = triples
+            reports.append(_split_report(split, acc, per_image))
+    return EvalReport(str(model), str(data_yaml), op_conf, reports), kept
+
+
+def _split_report(split: str, acc: dict[str, list[Accumulator]], per_image: list[ImageResult]) -> SplitReport:
+    def summary(accs: list[Accumulator]) -> dict[str, float]:
+        aps = np.array([a.average_precision() for a in accs if a.n_gt > 0])
+        prs = np.array([a.precision_recall_at_best_f1()[:2] for a in accs if a.n_gt > 0])
+        if aps.size == 0:
+            return {"P": 0.0, "R": 0.0, "mAP50": 0.0, "mAP50-95": 0.0}
+        i50 = int(np.argmin(np.abs(IOU_THRESHOLDS - 0.5)))
+        return {
+            "P": float(prs[:, 0].mean()),
+            "R": float(prs[:, 1].mean()),
+            "mAP50": float(aps[:, i50].mean()),
+            "mAP50-95": float(aps.mean()),
+        }
+
+    counts = np.array([[r.gt_count, r.pred_count] for r in per_image], dtype=np.float64)
+    conf_err = np.array([abs(r.confluence_error_pp) for r in per_image])
+    abs_err = np.abs(counts[:, 1] - counts[:, 0])
+    return SplitReport(
+        split=split,
+        images=len(per_image),
+        instances=int(counts[:, 0].sum()),
+        box=summary(acc["box"]),
+        mask=summary(acc["mask"]),
+        count_mae=float(abs_err.mean()),
+        count_mape_pct=float(100 * (abs_err / np.maximum(counts[:, 0], 1)).mean()),
+        confluence_mae_pp=float(conf_err.mean()),
+        per_image=per_image,
+    )
+
+
+def write_json(report: EvalReport, path: Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2))

@@ -1,0 +1,177 @@
+"""``cellseg export``: PyTorch weights -> static ONNX with cellseg metadata, checked against PyTorch.
+
+The export is declared good only after ONNX Runtime's outputs match the PyTorch model's on
+real images, preprocessed exactly as the device will preprocess them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
+from cellseg.edge.errors import DependencyError, ModelError
+from cellseg.edge.imageio import read_image
+from cellseg.edge.intensity import IntensityMapping
+from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo, Thresholds
+from cellseg.edge.preprocess import Preprocessor
+from cellseg.edge.types import Frame
+from cellseg.training.offline import import_ultralytics_offline
+
+logger = logging.getLogger(__name__)
+
+# FP32 ONNX Runtime vs PyTorch on the same input: differences come from operator order only.
+# Relative to each output's magnitude, 1e-3 is two orders above what is seen and far below
+# what a wrong export (other preprocessing, other weights, wrong opset lowering) produces.
+PARITY_RTOL = 1e-3
+
+
+@dataclass
+class ParityCheck:
+    image: str
+    max_abs_diff: dict[str, float]
+    scale: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.max_abs_diff[k] <= PARITY_RTOL * max(1.0, self.scale[k]) for k in self.max_abs_diff)
+
+
+@dataclass
+class ExportReport:
+    onnx_path: Path
+    onnx_sha256: str
+    size_bytes: int
+    info: ModelInfo
+    checks: list[ParityCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+
+def _run_metadata(weights: Path) -> dict[str, Any]:
+    """Recipe and dataset hash from the training run the weights came from, when present."""
+    run_dir = weights.resolve().parent.parent
+    meta: dict[str, Any] = {}
+    if (run_dir / "recipe.yaml").is_file():
+        meta["recipe"] = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    if (run_dir / "manifest.json").is_file():
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        meta["dataset_sha256"] = manifest.get("dataset_sha256", "")
+        meta["best_epoch"] = manifest.get("best_epoch")
+    return meta
+
+
+def export_onnx(
+    weights: Path,
+    output: Path,
+    check_images: list[Path],
+    imgsz: int | None = None,
+    opset: int | None = None,
+    thresholds: Thresholds | None = None,
+    mapping: IntensityMapping | None = None,
+) -> ExportReport:
+    """Export ``weights`` to ``output`` (ONNX) and check it on ``check_images``.
+
+    Raises:
+        ModelError: the weights are missing, the export fails, or the check fails (the
+            output file is then removed, so a bad export is never left behind looking good).
+    """
+    weights, output = Path(weights), Path(output)
+    if not weights.is_file():
+        raise ModelError(f"{weights}: no such weights file")
+    if not check_images:
+        raise ModelError("export needs at least one real image to check the ONNX model against PyTorch")
+    try:
+        import onnx
+    except ImportError as e:
+        raise DependencyError("onnx", "train", "ONNX export") from e
+
+    with tempfile.TemporaryDirectory(prefix="cellseg-export-") as tmp:
+        ultralytics = import_ultralytics_offline(Path(tmp) / ".ultralytics")
+        # ultralytics writes the .onnx beside the weights; a copy keeps the run folder clean.
+        local = Path(tmp) / "model.pt"
+        shutil.copyfile(weights, local)
+        model = ultralytics.YOLO(str(local), task="segment")
+        trained_args = getattr(model.model, "args", None) or {}
+        size = imgsz or int(trained_args.get("imgsz", 640))
+        kwargs: dict[str, Any] = {"format": "onnx", "imgsz": size, "dynamic": False, "batch": 1, "simplify": True}
+        if opset is not None:
+            kwargs["opset"] = opset
+        exported = Path(model.export(**kwargs))
+        proto = onnx.load(str(exported))
+        meta = {p.key: p.value for p in proto.metadata_props}
+        base = ModelInfo.from_metadata(meta, exported)
+        info = ModelInfo(
+            input_width=base.input_width,
+            input_height=base.input_height,
+            class_names=base.class_names,
+            stride=base.stride,
+            mapping=mapping or IntensityMapping(),
+            thresholds=thresholds or Thresholds(),
+            weights_sha256=file_sha256(weights),
+            extra={
+                "precision": "fp32",
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source_weights": weights.name,
+                **_run_metadata(weights),
+            },
+        )
+        entry = next((p for p in proto.metadata_props if p.key == CELLSEG_METADATA_KEY), None)
+        if entry is None:
+            entry = proto.metadata_props.add()
+            entry.key = CELLSEG_METADATA_KEY
+        entry.value = json.dumps(info.to_metadata())
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_suffix(".onnx.partial")
+        onnx.save(proto, str(partial))
+        checks = check_parity(model, partial, check_images)
+        report = ExportReport(partial, file_sha256(partial), partial.stat().st_size, info, checks)
+        if not report.ok:
+            partial.unlink()
+            worst = [c for c in checks if not c.ok]
+            raise ModelError(f"ONNX export does not match PyTorch on {len(worst)} image(s): {worst[:3]}")
+        partial.replace(output)
+        report.onnx_path = output
+        return report
+
+
+def check_parity(model: Any, onnx_path: Path, images: list[Path]) -> list[ParityCheck]:
+    """Compare ONNX Runtime with the PyTorch model on real images, preprocessed as on the device."""
+    try:
+        import torch
+    except ImportError as e:
+        raise DependencyError("torch", "train", "the export check") from e
+    net = model.model.float().eval()
+    checks = []
+    with OnnxRuntimeEngine(onnx_path) as engine:
+        pre = Preprocessor(engine.info.input_width, engine.info.input_height, engine.info.mapping)
+        for path in images:
+            tensor, _ = pre(Frame(read_image(path), source=str(path)))
+            ort_out = engine.infer(tensor)
+            with torch.no_grad():
+                torch_out = net(torch.from_numpy(tensor.copy()))
+            preds, protos = (t[0].numpy() for t in torch_out[0])
+            diffs = {
+                "boxes": float(np.abs(ort_out.predictions[:4] - preds[:4]).max()),
+                "scores_and_coefficients": float(np.abs(ort_out.predictions[4:] - preds[4:]).max()),
+                "prototypes": float(np.abs(ort_out.prototypes - protos).max()),
+            }
+            scales = {
+                "boxes": float(np.abs(preds[:4]).max()),
+                "scores_and_coefficients": float(np.abs(preds[4:]).max()),
+                "prototypes": float(np.abs(protos).max()),
+            }
+            checks.append(ParityCheck(str(path), diffs, scales))
+            logger.info("parity %s: %s", path, diffs)
+    return checks
