@@ -1,0 +1,222 @@
+"""The ``cellseg`` command. Each sub-command imports its stage only when it runs, so the
+device (no torch, no ultralytics) can run ``predict`` while ``train`` lives on a workstation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cellseg import __version__
+from cellseg.edge.errors import CellsegError
+
+logger = logging.getLogger("cellseg")
+
+SHIPPED_MODEL_NAME = "cellseg-usiigaci-yolo11n-seg.onnx"
+
+
+def default_model() -> Path:
+    """``$CELLSEG_MODEL``, else the model shipped in the repository's ``models/`` folder."""
+    env = os.environ.get("CELLSEG_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "models" / SHIPPED_MODEL_NAME
+
+
+def _add_threshold_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf", type=float, help="confidence threshold (default: the model's)")
+    p.add_argument("--iou", type=float, help="NMS IoU threshold (default: the model's)")
+    p.add_argument("--max-det", type=int, help="most detections per image (default: the model's, 1000)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="import annotated images into a YOLO-seg dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="FORMAT")
+    labels = data_sub.add_parser("labels", help="frames with instance label images (0 = background, 1..N = cells)")
+    labels.add_argument("source", type=Path, help="folder with train/, val/, test/ split folders")
+    labels.add_argument("output", type=Path, help="dataset folder to create")
+    labels.add_argument("--image-name", default="raw.tif", help="frame file name in each sample folder")
+    labels.add_argument("--label-name", default="instances_ids.png", help="label image file name in each sample folder")
+    labels.add_argument("--class-name", default="cell")
+    coco = data_sub.add_parser("coco", help="a Roboflow COCO segmentation export (train/, valid/, test/)")
+    coco.add_argument("source", type=Path)
+    coco.add_argument("output", type=Path)
+    coco.add_argument("--skip-invalid", action="store_true", help="skip bad annotations (listed as warnings)")
+    for p in (labels, coco):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+        p.add_argument("--low-pct", type=float, default=0.5, help="percentile mapped to black (16-bit frames)")
+        p.add_argument("--high-pct", type=float, default=99.5, help="percentile mapped to white (16-bit frames)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train = sub.add_parser("train", help="train a YOLO-seg model (needs the 'train' extra)")
+    train.add_argument("--data", type=Path, required=True, help="dataset data.yaml")
+    train.add_argument("--recipe", type=Path, help="recipe YAML (default: the seed recipe, YOLOv9c-seg)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set epochs=5 (repeatable)")
+    train.add_argument("--run", type=Path, default=Path("runs/train/run"), help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --run from its last epoch")
+
+    ev = sub.add_parser("eval", help="evaluate an ONNX model on a dataset's val/test splits")
+    ev.add_argument("model", type=Path)
+    ev.add_argument("--data", type=Path, required=True, help="dataset data.yaml")
+    ev.add_argument("--split", action="append", choices=["train", "val", "test"], help="splits (default: val and test)")
+    ev.add_argument("--json", type=Path, dest="json_out", help="also write the report as JSON to this file")
+    ev.add_argument("--conf", type=float, help="operating confidence for counts (default: the model's)")
+    ev.add_argument("--threads", type=int)
+
+    ex = sub.add_parser("export", help="export trained weights to ONNX with metadata, checked against PyTorch")
+    ex.add_argument("weights", type=Path, help="a .pt from cellseg train (e.g. runs/train/x/weights/best.pt)")
+    ex.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    ex.add_argument("--check-images", type=Path, nargs="+", required=True, help="real images for the parity check")
+    ex.add_argument("--imgsz", type=int, help="input size (default: the training size)")
+    ex.add_argument("--opset", type=int)
+    ex.add_argument("--conf", type=float, default=0.25, help="default confidence shipped with the model")
+    ex.add_argument("--iou", type=float, default=0.7, help="default NMS IoU shipped with the model")
+    ex.add_argument("--max-det", type=int, default=1000, help="default max detections shipped with the model")
+
+    pr = sub.add_parser("predict", help="count cells and confluence in images")
+    pr.add_argument("inputs", nargs="+", help="[MODEL.onnx] then images, folders or glob patterns")
+    pr.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
+    fmt = pr.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_const", const="json", dest="output_format", help="one JSON object per line")
+    fmt.add_argument("--csv", action="store_const", const="csv", dest="output_format", help="CSV with a header")
+    pr.add_argument("--overlay", type=Path, help="write overlay PNGs (outlines, ids, count) to this folder")
+    pr.add_argument("--labels", type=Path, help="write 16-bit instance label images to this folder")
+    pr.add_argument("--labels-format", choices=["png", "tif"], default="png")
+    pr.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in µm²")
+    _add_threshold_args(pr)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except CellsegError as e:
+        print(f"cellseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "data":
+        return _cmd_data(args)
+    if args.command == "train":
+        return _cmd_train(args)
+    if args.command == "eval":
+        return _cmd_eval(args)
+    if args.command == "export":
+        return _cmd_export(args)
+    if args.command == "predict":
+        return _cmd_predict(args)
+    raise AssertionError(f"unhandled command {args.command}")  # argparse allows no other value
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from cellseg.edge.intensity import IntensityMapping
+
+    mapping = IntensityMapping(low_pct=args.low_pct, high_pct=args.high_pct)
+    if args.data_command == "labels":
+        from cellseg.training.import_labels import import_label_images
+
+        summary = import_label_images(args.source, args.output, args.class_name, args.image_name, args.label_name,
+                                      mapping, overwrite=args.overwrite, progress=not args.quiet)
+    else:
+        from cellseg.training.import_coco import import_coco
+
+        summary = import_coco(args.source, args.output, mapping, skip_invalid=args.skip_invalid,
+                              overwrite=args.overwrite, progress=not args.quiet)
+    print(summary.format())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cellseg.training.recipe import load_recipe
+    from cellseg.training.train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.resume:
+        saved = args.run / "recipe.yaml"
+        if saved.is_file() and (args.recipe or args.overrides):
+            logger.warning("--resume continues with the run's saved recipe %s; --recipe/--set are ignored", saved)
+        recipe = load_recipe(saved) if saved.is_file() else recipe
+    result = train(recipe, args.data, args.run, resume=args.resume)
+    best = result.manifest.get("best_epoch") or {}
+    print(f"training finished in {result.manifest['train_seconds']:.0f} s; best weights {result.best_weights}")
+    if best:
+        print(f"best epoch {int(best.get('epoch', 0))}: mask mAP50 {best.get('metrics/mAP50(M)', 0):.3f}, "
+              f"mask mAP50-95 {best.get('metrics/mAP50-95(M)', 0):.3f}")
+    print(f"run manifest: {result.run_dir / 'manifest.json'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cellseg.training.evaluate import evaluate, write_json
+
+    splits = tuple(args.split) if args.split else ("val", "test")
+    report, _ = evaluate(args.model, args.data, splits, operating_conf=args.conf, threads=args.threads)
+    if not report.splits:
+        print(f"no images in splits {', '.join(splits)} of {args.data}", file=sys.stderr)
+        return 2
+    print(report.format())
+    if args.json_out:
+        write_json(report, args.json_out)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cellseg.edge.model_info import Thresholds
+    from cellseg.training.export import export_onnx
+
+    report = export_onnx(args.weights, args.output, list(args.check_images), imgsz=args.imgsz, opset=args.opset,
+                         thresholds=Thresholds(conf=args.conf, iou=args.iou, max_det=args.max_det))
+    print(f"wrote {report.onnx_path} ({report.size_bytes / 1e6:.1f} MB, sha256 {report.onnx_sha256})")
+    for check in report.checks:
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in check.max_abs_diff.items())
+        print(f"  parity with PyTorch on {check.image}: max |diff| {diffs}")
+    print(json.dumps(report.info.to_metadata(), indent=2))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cellseg.edge.predict import PredictOptions, run_predict
+
+    inputs = list(args.inputs)
+    model = args.model
+    if model is None and inputs and inputs[0].lower().endswith(".onnx"):
+        model = Path(inputs.pop(0))
+    model = model or default_model()
+    if not inputs:
+        print("cellseg predict: error: no images given", file=sys.stderr)
+        return 2
+    options = PredictOptions(
+        output_format=args.output_format or "text",
+        overlay_dir=args.overlay,
+        labels_dir=args.labels,
+        labels_format=args.labels_format,
+        conf=args.conf,
+        iou=args.iou,
+        max_det=args.max_det,
+        pixel_size_um=args.pixel_size,
+        threads=args.threads,
+    )
+    failures = run_predict(model, inputs, options)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
