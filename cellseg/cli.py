@@ -35,7 +35,10 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cellseg",
+        description="Cell counts and confluence from microscope frames: data import, training, export, prediction.",
+    )
     parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,8 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a YOLO-seg model (needs the 'train' extra)")
     train.add_argument("--data", type=Path, required=True, help="dataset data.yaml")
     train.add_argument("--recipe", type=Path, help="recipe YAML (default: the seed recipe, YOLOv9c-seg)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe field, e.g. --set epochs=5 (repeatable)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set epochs=5 (repeatable)",
+    )
     train.add_argument("--run", type=Path, default=Path("runs/train/run"), help="run folder")
     train.add_argument("--resume", action="store_true", help="continue the run in --run from its last epoch")
 
@@ -88,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="[MODEL.onnx] then images, folders or glob patterns")
     pr.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
     fmt = pr.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_const", const="json", dest="output_format", help="one JSON object per line")
+    fmt.add_argument(
+        "--json", action="store_const", const="json", dest="output_format", help="one JSON object per line"
+    )
     fmt.add_argument("--csv", action="store_const", const="csv", dest="output_format", help="CSV with a header")
     pr.add_argument("--overlay", type=Path, help="write overlay PNGs (outlines, ids, count) to this folder")
     pr.add_argument("--labels", type=Path, help="write 16-bit instance label images to this folder")
@@ -133,13 +144,27 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "labels":
         from cellseg.training.import_labels import import_label_images
 
-        summary = import_label_images(args.source, args.output, args.class_name, args.image_name, args.label_name,
-                                      mapping, overwrite=args.overwrite, progress=not args.quiet)
+        summary = import_label_images(
+            args.source,
+            args.output,
+            class_name=args.class_name,
+            image_name=args.image_name,
+            label_name=args.label_name,
+            mapping=mapping,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     else:
         from cellseg.training.import_coco import import_coco
 
-        summary = import_coco(args.source, args.output, mapping, skip_invalid=args.skip_invalid,
-                              overwrite=args.overwrite, progress=not args.quiet)
+        summary = import_coco(
+            args.source,
+            args.output,
+            mapping=mapping,
+            skip_invalid=args.skip_invalid,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     print(summary.format())
     return 0
 
@@ -158,8 +183,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     best = result.manifest.get("best_epoch") or {}
     print(f"training finished in {result.manifest['train_seconds']:.0f} s; best weights {result.best_weights}")
     if best:
-        print(f"best epoch {int(best.get('epoch', 0))}: mask mAP50 {best.get('metrics/mAP50(M)', 0):.3f}, "
-              f"mask mAP50-95 {best.get('metrics/mAP50-95(M)', 0):.3f}")
+        print(
+            f"best epoch {int(best.get('epoch', 0))}: mask mAP50 {best.get('metrics/mAP50(M)', 0):.3f}, "
+            f"mask mAP50-95 {best.get('metrics/mAP50-95(M)', 0):.3f}"
+        )
     print(f"run manifest: {result.run_dir / 'manifest.json'}")
     return 0
 
@@ -182,8 +209,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from cellseg.edge.model_info import Thresholds
     from cellseg.training.export import export_onnx
 
-    report = export_onnx(args.weights, args.output, list(args.check_images), imgsz=args.imgsz, opset=args.opset,
-                         thresholds=Thresholds(conf=args.conf, iou=args.iou, max_det=args.max_det))
+    report = export_onnx(
+        args.weights,
+        args.output,
+        list(args.check_images),
+        imgsz=args.imgsz,
+        opset=args.opset,
+        thresholds=Thresholds(conf=args.conf, iou=args.iou, max_det=args.max_det),
+    )
     print(f"wrote {report.onnx_path} ({report.size_bytes / 1e6:.1f} MB, sha256 {report.onnx_sha256})")
     for check in report.checks:
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in check.max_abs_diff.items())

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from cellseg.edge.engine import RawOutputs
 from cellseg.edge.errors import DependencyError, ModelError
 from cellseg.edge.model_info import ModelInfo
@@ -70,15 +69,23 @@ class OnnxRuntimeEngine:
         self.engine_id = f"onnx:{self.path.name}:{file_sha256(self.path)[:12]}"
         # Quantisation records the precision in the metadata; plain exports are FP32.
         self.precision = str(info.extra.get("precision", "fp32"))
-        logger.info("loaded %s (%s, %dx%d, classes %s)", self.path, self.precision, info.input_width,
-                    info.input_height, ",".join(info.class_names))
+        logger.info(
+            "loaded %s (%s, %dx%d, classes %s)",
+            self.path,
+            self.precision,
+            info.input_width,
+            info.input_height,
+            ",".join(info.class_names),
+        )
 
     def _check_signature(self, session: Any, info: ModelInfo) -> None:
         inputs, outputs = session.get_inputs(), session.get_outputs()
         expected_in = [1, 3, info.input_height, info.input_width]
         if len(inputs) != 1 or list(inputs[0].shape) != expected_in:
             got = [(i.name, i.shape) for i in inputs]
-            raise ModelError(f"{self.path}: not a YOLO-seg export: expected one input of shape {expected_in}, got {got}")
+            raise ModelError(
+                f"{self.path}: not a YOLO-seg export: expected one input of shape {expected_in}, got {got}"
+            )
         shapes = [list(o.shape) for o in outputs]
         if len(outputs) != 2 or len(shapes[0]) != 3 or len(shapes[1]) != 4:
             raise ModelError(
@@ -114,4 +121,3 @@ class OnnxRuntimeEngine:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from cellseg.edge.errors import ConfigError, FrameError
 
 
@@ -101,5 +100,5 @@ def to_uint8(image: npt.NDArray[Any], mapping: IntensityMapping | None = None) -
     lut = np.clip(np.rint((levels - np.float32(low)) * np.float32(scale)), 0, 255).astype(np.uint8)
     if scale == 0.0:
         lut[:] = 128
-    return lut[image]
-
+    mapped: npt.NDArray[np.uint8] = lut[image]
+    return mapped

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from cellseg.edge.types import Detections, Frame, Measurement
 
 # Size histogram bin edges in pixels, log-spaced: cells range from debris-sized specks to
@@ -45,7 +44,7 @@ def measure(
 def area_summary(m: Measurement) -> dict[str, Any]:
     """Mean, median and histogram of cell areas, in px and (when the pixel size is known) µm²."""
     areas = m.areas_px.astype(np.float64)
-    counts, _ = np.histogram(areas, bins=np.asarray(AREA_BIN_EDGES_PX + (np.inf,)))
+    counts, _ = np.histogram(areas, bins=np.asarray((*AREA_BIN_EDGES_PX, np.inf)))
     out: dict[str, Any] = {
         "mean_px": float(areas.mean()) if areas.size else 0.0,
         "median_px": float(np.median(areas)) if areas.size else 0.0,

@@ -92,10 +92,16 @@ class ModelInfo:
             input_height=int(imgsz[0]),
             class_names=tuple(str(n) for n in names),
             stride=stride,
-            mapping=IntensityMapping.from_dict(ours["intensity_mapping"]) if "intensity_mapping" in ours else IntensityMapping(),
+            mapping=IntensityMapping.from_dict(ours["intensity_mapping"])
+            if "intensity_mapping" in ours
+            else IntensityMapping(),
             thresholds=Thresholds(**ours["thresholds"]) if "thresholds" in ours else Thresholds(),
             weights_sha256=str(ours.get("weights_sha256", "")),
-            extra={k: v for k, v in ours.items() if k not in {"class_names", "imgsz", "stride", "intensity_mapping", "thresholds"}},
+            extra={
+                k: v
+                for k, v in ours.items()
+                if k not in {"class_names", "imgsz", "stride", "intensity_mapping", "thresholds"}
+            },
         )
 
     def to_metadata(self) -> dict[str, Any]:

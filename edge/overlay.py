@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from cellseg.edge.intensity import IntensityMapping, to_uint8
 from cellseg.edge.types import Detections, Frame, Measurement
 
@@ -35,13 +34,29 @@ def draw_overlay(
             m = cv2.moments(max(contours, key=cv2.contourArea))
             if m["m00"] > 0:
                 cx, cy = int(m["m10"] / m["m00"]) + int(x), int(m["m01"] / m["m00"]) + int(y)
-                cv2.putText(canvas, str(i + 1), (cx - 6, cy + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale * 0.8,
-                            (0, 220, 255), 1, cv2.LINE_AA)
+                cv2.putText(
+                    canvas,
+                    str(i + 1),
+                    (cx - 6, cy + 4),
+                    cv2.FONT_HERSHEY_SIMPLEX,
+                    font_scale * 0.8,
+                    (0, 220, 255),
+                    1,
+                    cv2.LINE_AA,
+                )
     lines = [f"cells: {measurement.count}", f"confluence: {measurement.confluence_pct:.1f}%"]
     line_h = int(30 * font_scale / 0.5)
     box_w = int(230 * font_scale / 0.5)
     cv2.rectangle(canvas, (0, 0), (box_w, line_h * len(lines) + 10), (0, 0, 0), -1)
     for k, text in enumerate(lines):
-        cv2.putText(canvas, text, (8, line_h * (k + 1)), cv2.FONT_HERSHEY_SIMPLEX, font_scale, _TEXT, 1 + thickness // 2,
-                    cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            text,
+            (8, line_h * (k + 1)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            _TEXT,
+            1 + thickness // 2,
+            cv2.LINE_AA,
+        )
     return canvas

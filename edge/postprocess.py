@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-
 from cellseg.edge.engine import RawOutputs
 from cellseg.edge.model_info import Thresholds
 from cellseg.edge.types import Detections, Letterbox
@@ -42,7 +41,9 @@ class PostprocessConfig:
         return cls(conf=t.conf, iou=t.iou, max_det=t.max_det, mask_threshold=t.mask_threshold)
 
 
-def nms(boxes: npt.NDArray[np.float32], scores: npt.NDArray[np.float32], iou_threshold: float, max_keep: int) -> npt.NDArray[np.intp]:
+def nms(
+    boxes: npt.NDArray[np.float32], scores: npt.NDArray[np.float32], iou_threshold: float, max_keep: int
+) -> npt.NDArray[np.intp]:
     """Greedy non-maximum suppression.
 
     Args:
@@ -76,7 +77,7 @@ def nms(boxes: npt.NDArray[np.float32], scores: npt.NDArray[np.float32], iou_thr
 
 
 def _bilinear_weights(
-    first: int, count: int, scale: float, pad: float, stride: float, size: int
+    first: int, count: int, *, scale: float, pad: float, stride: float, size: int
 ) -> tuple[int, npt.NDArray[np.float32]]:
     """Interpolation matrix from a prototype window to ``count`` frame pixels from ``first``.
 
@@ -141,8 +142,8 @@ def postprocess(raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig
         c1, r1 = min(c1, lb.frame_width), min(r1, lb.frame_height)
         if c1 <= c0 or r1 <= r0:
             continue  # a box thinner than a pixel covers no pixel centre: no cell to measure
-        px0, wx = _bilinear_weights(c0, c1 - c0, lb.scale, lb.pad_x, stride_x, pw)
-        py0, wy = _bilinear_weights(r0, r1 - r0, lb.scale, lb.pad_y, stride_y, ph)
+        px0, wx = _bilinear_weights(c0, c1 - c0, scale=lb.scale, pad=lb.pad_x, stride=stride_x, size=pw)
+        py0, wy = _bilinear_weights(r0, r1 - r0, scale=lb.scale, pad=lb.pad_y, stride=stride_y, size=ph)
         window = protos[:, py0 : py0 + wy.shape[1], px0 : px0 + wx.shape[1]].reshape(nm, -1)
         logits = (coefs[i] @ window).reshape(wy.shape[1], wx.shape[1])
         probs = 1.0 / (1.0 + np.exp(-logits))

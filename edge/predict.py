@@ -25,8 +25,20 @@ from cellseg.edge.types import Frame
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("image", "count", "confluence_pct", "mean_area_px", "median_area_px", "width", "height",
-              "decode_ms", "preprocess_ms", "infer_ms", "postprocess_ms", "measure_ms")
+CSV_FIELDS = (
+    "image",
+    "count",
+    "confluence_pct",
+    "mean_area_px",
+    "median_area_px",
+    "width",
+    "height",
+    "decode_ms",
+    "preprocess_ms",
+    "infer_ms",
+    "postprocess_ms",
+    "measure_ms",
+)
 
 
 @dataclass
@@ -73,7 +85,6 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out: IO[str] = sys.stdout) -> int:
     """Returns the number of images that failed (0: all succeeded)."""
     import cv2
-
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
     from cellseg.edge.overlay import draw_overlay
     from cellseg.edge.postprocess import PostprocessConfig
@@ -116,7 +127,10 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
             m = result.measurement
             stem = _unique_stem(path, used_stems)
             if options.overlay_dir is not None:
-                cv2.imwrite(str(options.overlay_dir / f"{stem}.png"), draw_overlay(frame, result.detections, m, engine.info.mapping))
+                cv2.imwrite(
+                    str(options.overlay_dir / f"{stem}.png"),
+                    draw_overlay(frame, result.detections, m, engine.info.mapping),
+                )
             if options.labels_dir is not None:
                 suffix = ".tif" if options.labels_format == "tif" else ".png"
                 cv2.imwrite(str(options.labels_dir / f"{stem}{suffix}"), result.detections.label_image())
@@ -131,12 +145,18 @@ def _result_line(out: IO[str], fmt: str, writer: csv.DictWriter[str] | None, d: 
         out.write(json.dumps(d) + "\n")
     elif writer is not None:
         lat = d["latencies_ms"]
-        writer.writerow({
-            "image": d["image"], "count": d["count"], "confluence_pct": d["confluence_pct"],
-            "mean_area_px": round(d["areas"]["mean_px"], 1), "median_area_px": round(d["areas"]["median_px"], 1),
-            "width": d["width"], "height": d["height"],
-            **{f"{k}_ms": lat.get(k, "") for k in ("decode", "preprocess", "infer", "postprocess", "measure")},
-        })
+        writer.writerow(
+            {
+                "image": d["image"],
+                "count": d["count"],
+                "confluence_pct": d["confluence_pct"],
+                "mean_area_px": round(d["areas"]["mean_px"], 1),
+                "median_area_px": round(d["areas"]["median_px"], 1),
+                "width": d["width"],
+                "height": d["height"],
+                **{f"{k}_ms": lat.get(k, "") for k in ("decode", "preprocess", "infer", "postprocess", "measure")},
+            }
+        )
     else:
         lat = d["latencies_ms"]
         out.write(

@@ -27,7 +27,9 @@ class Predictor:
         pixel_size_um: micrometres per pixel, for areas in µm².
     """
 
-    def __init__(self, engine: Engine, config: PostprocessConfig | None = None, pixel_size_um: float | None = None) -> None:
+    def __init__(
+        self, engine: Engine, config: PostprocessConfig | None = None, pixel_size_um: float | None = None
+    ) -> None:
         self.engine = engine
         self.config = config or PostprocessConfig.from_thresholds(engine.info.thresholds)
         self.pixel_size_um = pixel_size_um

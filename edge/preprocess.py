@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from cellseg.edge.intensity import IntensityMapping, to_uint8
 from cellseg.edge.types import Frame, Letterbox
 
@@ -41,8 +40,10 @@ def letterbox_image(image: npt.NDArray[np.uint8], geometry: Letterbox) -> npt.ND
 
     g = geometry
     if (g.resized_width, g.resized_height) != (g.frame_width, g.frame_height):
-        image = cv2.resize(image, (g.resized_width, g.resized_height), interpolation=cv2.INTER_LINEAR)
-    shape = (g.input_height, g.input_width) + image.shape[2:]
+        image = np.asarray(
+            cv2.resize(image, (g.resized_width, g.resized_height), interpolation=cv2.INTER_LINEAR), dtype=np.uint8
+        )
+    shape = (g.input_height, g.input_width, *image.shape[2:])
     out = np.full(shape, PAD_VALUE, dtype=np.uint8)
     out[g.pad_y : g.pad_y + g.resized_height, g.pad_x : g.pad_x + g.resized_width] = image
     return out

@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm
-
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
@@ -29,6 +27,7 @@ from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Detections, Frame
 from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
 from cellseg.training.yolo_dataset import SPLITS, load_data_yaml, read_label_file
+from tqdm import tqdm
 
 EVAL_CONF = 0.001
 
@@ -157,6 +156,7 @@ def evaluate(
     model: Path,
     data_yaml: Path,
     splits: tuple[str, ...] = ("val", "test"),
+    *,
     operating_conf: float | None = None,
     iou: float | None = None,
     max_det: int | None = None,
@@ -172,8 +172,12 @@ def evaluate(
     with OnnxRuntimeEngine(model, threads=threads) as engine:
         t = engine.info.thresholds
         op_conf = t.conf if operating_conf is None else operating_conf
-        config = PostprocessConfig(conf=EVAL_CONF, iou=t.iou if iou is None else iou,
-                                   max_det=t.max_det if max_det is None else max_det, mask_threshold=t.mask_threshold)
+        config = PostprocessConfig(
+            conf=EVAL_CONF,
+            iou=t.iou if iou is None else iou,
+            max_det=t.max_det if max_det is None else max_det,
+            mask_threshold=t.mask_threshold,
+        )
         predictor = Predictor(engine, config)
         n_classes = engine.info.num_classes
         for split in splits:
@@ -196,8 +200,11 @@ def evaluate(
                 operating = pred.scores > op_conf
                 pc, gc = int(operating.sum()), len(gt)
                 gconf, pconf = union_pct(gt, w, h), union_pct(pred, w, h, operating)
-                per_image.append(ImageResult(image_path.stem, gc, pc, pc - gc, round(gconf, 4), round(pconf, 4),
-                                             round(pconf - gconf, 4)))
+                per_image.append(
+                    ImageResult(
+                        image_path.stem, gc, pc, pc - gc, round(gconf, 4), round(pconf, 4), round(pconf - gconf, 4)
+                    )
+                )
                 if keep_predictions:
                     triples.append((str(image_path), gt, pred))
             kept[split] = triples

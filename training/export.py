@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
 from cellseg.edge.errors import DependencyError, ModelError
 from cellseg.edge.imageio import read_image
@@ -76,6 +75,7 @@ def export_onnx(
     weights: Path,
     output: Path,
     check_images: list[Path],
+    *,
     imgsz: int | None = None,
     opset: int | None = None,
     thresholds: Thresholds | None = None,

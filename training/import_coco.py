@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm
-
 from cellseg.edge.errors import DatasetError, ImageReadError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import IntensityMapping, to_uint8
 from cellseg.training.import_labels import polygon_from_mask
 from cellseg.training.yolo_dataset import ImportSummary, Instance, YoloSegWriter, polygon_area
+from tqdm import tqdm
 
 ANNOTATIONS_FILE = "_annotations.coco.json"
 ROBOFLOW_SPLITS = {"train": "train", "valid": "val", "val": "val", "test": "test"}
@@ -68,8 +67,8 @@ def decode_rle(rle: dict[str, Any]) -> npt.NDArray[np.uint8]:
         counts = _decode_compressed_counts(counts)
     flat = np.zeros(h * w, dtype=np.uint8)
     pos, value = 0, 0
-    for run in counts:
-        run = int(run)
+    for count in counts:
+        run = int(count)
         if run < 0 or pos + run > h * w:
             raise ValueError("RLE counts overrun the mask size")
         if value:
@@ -77,7 +76,8 @@ def decode_rle(rle: dict[str, Any]) -> npt.NDArray[np.uint8]:
         pos += run
         value ^= 1
     # COCO RLE runs down columns (Fortran order).
-    return flat.reshape((w, h)).T.copy()
+    mask: npt.NDArray[np.uint8] = flat.reshape((w, h)).T.copy()
+    return mask
 
 
 def _decode_compressed_counts(text: str) -> list[int]:
@@ -147,6 +147,7 @@ def _instance(ann: dict[str, Any], width: int, height: int, cls: int) -> tuple[I
 def import_coco(
     source: Path,
     output: Path,
+    *,
     mapping: IntensityMapping | None = None,
     skip_invalid: bool = False,
     overwrite: bool = False,
@@ -160,7 +161,9 @@ def import_coco(
         if d.name in ROBOFLOW_SPLITS and (d / ANNOTATIONS_FILE).is_file()
     ]
     if not split_files:
-        raise DatasetError(f"{source}: no {{train,valid,test}}/{ANNOTATIONS_FILE} found; is this a Roboflow COCO export?")
+        raise DatasetError(
+            f"{source}: no {{train,valid,test}}/{ANNOTATIONS_FILE} found; is this a Roboflow COCO export?"
+        )
     loaded = [(split, path, _load_json(path)) for split, path in split_files]
     used = {int(a["category_id"]) for _, _, d in loaded for a in d["annotations"] if "category_id" in a}
     # Class indices must agree across splits, so they come from the union of categories.
@@ -175,11 +178,22 @@ def import_coco(
         for ann in data["annotations"]:
             image_id = ann.get("image_id")
             if image_id not in image_ids:
-                _problem(writer, skip_invalid, f"{ann_path}: annotation {ann.get('id')} refers to unknown image {image_id}")
+                _problem(
+                    writer, skip_invalid, f"{ann_path}: annotation {ann.get('id')} refers to unknown image {image_id}"
+                )
                 continue
             by_image[int(image_id)].append(ann)
         for im in tqdm(data["images"], desc=f"importing {split}", unit="image", disable=not progress):
-            _import_image(writer, split, ann_path, im, by_image[int(im["id"])], cmap, mapping, skip_invalid)
+            _import_image(
+                writer,
+                split=split,
+                ann_path=ann_path,
+                im=im,
+                annotations=by_image[int(im["id"])],
+                cmap=cmap,
+                mapping=mapping,
+                skip_invalid=skip_invalid,
+            )
     if writer is None:
         raise DatasetError(f"{source}: nothing to import")
     return writer.finish(source=f"COCO export {source}")
@@ -187,6 +201,7 @@ def import_coco(
 
 def _import_image(
     writer: YoloSegWriter,
+    *,
     split: str,
     ann_path: Path,
     im: dict[str, Any],

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm
-
 from cellseg.edge.errors import DatasetError, ImageReadError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.intensity import IntensityMapping, to_uint8
 from cellseg.training.yolo_dataset import SPLITS, ImportSummary, Instance, YoloSegWriter
+from tqdm import tqdm
+
 
 @dataclass(frozen=True)
 class LabelPair:
@@ -143,6 +143,7 @@ def _object_slices(label: npt.NDArray[np.integer], ids: npt.NDArray[np.integer])
 def import_label_images(
     source: Path,
     output: Path,
+    *,
     class_name: str = "cell",
     image_name: str = "raw.tif",
     label_name: str = "instances_ids.png",

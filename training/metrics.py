@@ -41,8 +41,9 @@ class Instances:
         return int(self.boxes.shape[0])
 
     def select(self, idx: npt.NDArray[np.intp]) -> Instances:
-        return Instances(self.boxes[idx], [self.masks[i] for i in idx], self.origins[idx], self.scores[idx],
-                         self.class_ids[idx])
+        return Instances(
+            self.boxes[idx], [self.masks[i] for i in idx], self.origins[idx], self.scores[idx], self.class_ids[idx]
+        )
 
 
 def box_iou(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -68,8 +69,10 @@ def mask_iou(a: Instances, b: Instances) -> npt.NDArray[np.float64]:
     ext_a = _extents(a)
     ext_b = _extents(b)
     overlap = (
-        (ext_a[:, None, 0] < ext_b[None, :, 2]) & (ext_b[None, :, 0] < ext_a[:, None, 2])
-        & (ext_a[:, None, 1] < ext_b[None, :, 3]) & (ext_b[None, :, 1] < ext_a[:, None, 3])
+        (ext_a[:, None, 0] < ext_b[None, :, 2])
+        & (ext_b[None, :, 0] < ext_a[:, None, 2])
+        & (ext_a[:, None, 1] < ext_b[None, :, 3])
+        & (ext_b[None, :, 1] < ext_a[:, None, 3])
     )
     for i, j in zip(*np.nonzero(overlap), strict=True):
         x0, y0 = max(ext_a[i, 0], ext_b[j, 0]), max(ext_a[i, 1], ext_b[j, 1])

@@ -60,7 +60,7 @@ def import_ultralytics_offline(settings_dir: Path, threads: int | None = None) -
     try:
         import ultralytics
         import ultralytics.utils as uutils
-        import ultralytics.utils.torch_utils as torch_utils
+        from ultralytics.utils import torch_utils
     except ImportError as e:
         raise DependencyError("ultralytics", "train", "training, evaluation and export") from e
     # ultralytics fixes its config folder at first import; when that already happened in this
@@ -68,5 +68,6 @@ def import_ultralytics_offline(settings_dir: Path, threads: int | None = None) -
     _install_fonts(Path(uutils.USER_CONFIG_DIR))
     uutils.SETTINGS["sync"] = False
     if threads is not None:
-        torch_utils.NUM_THREADS = max(1, threads)
+        # select_device() reads this module global when it sets torch's thread count.
+        setattr(torch_utils, "NUM_THREADS", max(1, threads))  # noqa: B010
     return ultralytics

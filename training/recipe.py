@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from cellseg.edge.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 

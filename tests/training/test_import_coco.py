@@ -11,14 +11,13 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
-
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import to_uint8
 from cellseg.training.evaluate import ground_truth
 from cellseg.training.import_coco import decode_rle, import_coco
 from cellseg.training.metrics import Instances, mask_iou
+from pycocotools import mask as mask_utils
 
 # (Roboflow split folder, Usiigaci split, set)
 SETS = [("train", "train", "set1"), ("train", "train", "set2"), ("valid", "val", "set46"), ("test", "val", "set47")]
@@ -35,12 +34,18 @@ def _export(usiigaci: Path, root: Path) -> dict[str, Any]:
     ann_id = 1
     by_folder: dict[str, dict[str, Any]] = {}
     for folder, split, name in SETS:
-        coco = by_folder.setdefault(folder, {
-            "info": {"description": "cellseg test export"},
-            "categories": [{"id": 0, "name": "cells", "supercategory": "none"},
-                           {"id": 1, "name": "cell", "supercategory": "cells"}],
-            "images": [], "annotations": [],
-        })
+        coco = by_folder.setdefault(
+            folder,
+            {
+                "info": {"description": "cellseg test export"},
+                "categories": [
+                    {"id": 0, "name": "cells", "supercategory": "none"},
+                    {"id": 1, "name": "cell", "supercategory": "cells"},
+                ],
+                "images": [],
+                "annotations": [],
+            },
+        )
         (root / folder).mkdir(parents=True, exist_ok=True)
         image = to_uint8(read_image(usiigaci / split / name / "raw.tif"))
         file_name = f"{name}_png.rf.0123456789abcdef.png"
@@ -98,7 +103,7 @@ def test_round_trip_keeps_every_cell_and_its_outline(export: tuple[Path, dict[st
     summary = import_coco(root, tmp_path / "ds", progress=False)
     assert summary.class_names == ["cell"]  # the placeholder category 0 is dropped
     assert summary.images == {"train": 2, "val": 1, "test": 1}
-    for folder, split, name in SETS:
+    for folder, _split, name in SETS:
         out_split = {"train": "train", "valid": "val", "test": "test"}[folder]
         stem = f"{name}_png.rf.0123456789abcdef"
         image = cv2.imread(str(tmp_path / "ds" / "images" / out_split / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
@@ -136,24 +141,47 @@ def _first_rle_ann(data: dict[str, Any]) -> dict[str, Any]:
 
 
 BAD_CASES = {
-    "missing image": (lambda root, d: (root / "valid" / d["images"][0]["file_name"]).unlink(), "valid",
-                      r"valid/_annotations.coco.json: image 0 \(set46_png.*\): no such file"),
+    "missing image": (
+        lambda root, d: (root / "valid" / d["images"][0]["file_name"]).unlink(),
+        "valid",
+        r"valid/_annotations.coco.json: image 0 \(set46_png.*\): no such file",
+    ),
     "malformed json": (None, "valid", r"valid/_annotations.coco.json: malformed JSON at line 1"),
-    "degenerate polygon": (lambda root, d: _first_polygon_ann(d).update(segmentation=[[10.0, 10.0, 20.0, 20.0]]),
-                           "valid", r"annotation \d+ \(image set46_png.*\): degenerate polygon"),
-    "zero-area polygon": (lambda root, d: _first_polygon_ann(d).update(segmentation=[[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]),
-                          "valid", r"annotation \d+ \(image set46.*\): degenerate polygon: zero area"),
+    "degenerate polygon": (
+        lambda root, d: _first_polygon_ann(d).update(segmentation=[[10.0, 10.0, 20.0, 20.0]]),
+        "valid",
+        r"annotation \d+ \(image set46_png.*\): degenerate polygon",
+    ),
+    "zero-area polygon": (
+        lambda root, d: _first_polygon_ann(d).update(segmentation=[[1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]),
+        "valid",
+        r"annotation \d+ \(image set46.*\): degenerate polygon: zero area",
+    ),
     "out of bounds polygon": (
         lambda root, d: _first_polygon_ann(d).update(segmentation=[[10.0, 10.0, 1500.0, 10.0, 1500.0, 40.0]]),
-        "valid", r"annotation \d+ \(image set46.*\): polygon out of bounds"),
-    "rle of another size": (lambda root, d: _first_rle_ann(d)["segmentation"].update(size=[640, 640]),
-                            "valid", r"annotation \d+ \(image set46.*\): RLE size \[640, 640\] differs"),
-    "unknown image id": (lambda root, d: d["annotations"][0].update(image_id=999), "valid",
-                         r"annotation \d+ refers to unknown image 999"),
-    "unknown category": (lambda root, d: d["annotations"][0].update(category_id=7), "valid",
-                         r"annotation \d+ \(image set46.*\): unknown category 7"),
-    "image size differs from json": (lambda root, d: d["images"][0].update(width=640), "valid",
-                                     r"image 0 \(set46.*\) is 1024x1022 on disk but 640x1022 in the annotations"),
+        "valid",
+        r"annotation \d+ \(image set46.*\): polygon out of bounds",
+    ),
+    "rle of another size": (
+        lambda root, d: _first_rle_ann(d)["segmentation"].update(size=[640, 640]),
+        "valid",
+        r"annotation \d+ \(image set46.*\): RLE size \[640, 640\] differs",
+    ),
+    "unknown image id": (
+        lambda root, d: d["annotations"][0].update(image_id=999),
+        "valid",
+        r"annotation \d+ refers to unknown image 999",
+    ),
+    "unknown category": (
+        lambda root, d: d["annotations"][0].update(category_id=7),
+        "valid",
+        r"annotation \d+ \(image set46.*\): unknown category 7",
+    ),
+    "image size differs from json": (
+        lambda root, d: d["images"][0].update(width=640),
+        "valid",
+        r"image 0 \(set46.*\) is 1024x1022 on disk but 640x1022 in the annotations",
+    ),
 }
 
 

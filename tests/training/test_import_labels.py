@@ -7,7 +7,6 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import to_uint8
@@ -72,14 +71,16 @@ def test_label_image_of_another_size_is_refused(usiigaci: Path, tmp_path: Path) 
     src = _copy_sets(usiigaci, tmp_path / "src", [("train", "set1")])
     label = cv2.imread(str(src / "train/set1/instances_ids.png"), cv2.IMREAD_UNCHANGED)
     cv2.imwrite(str(src / "train/set1/instances_ids.png"), label[:-2])
-    with pytest.raises(DatasetError, match=r"set1/instances_ids.png: label image is 1024x1020 but its frame .* 1024x1022"):
+    with pytest.raises(
+        DatasetError, match=r"set1/instances_ids.png: label image is 1024x1020 but its frame .* 1024x1022"
+    ):
         import_label_images(src, tmp_path / "out", progress=False)
 
 
 def test_missing_label_image_is_named(usiigaci: Path, tmp_path: Path) -> None:
     src = _copy_sets(usiigaci, tmp_path / "src", [("train", "set1")])
     (src / "train/set1/instances_ids.png").unlink()
-    with pytest.raises(DatasetError, match="set1: has raw.tif but no label image instances_ids.png"):
+    with pytest.raises(DatasetError, match=r"set1: has raw\.tif but no label image instances_ids\.png"):
         import_label_images(src, tmp_path / "out", progress=False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cellseg.training.metrics import Accumulator, Instances, box_iou, image_matches, mask_iou
 
 
@@ -74,5 +73,5 @@ def test_iou_thresholds_grade_a_loose_mask() -> None:
 
 def test_one_prediction_cannot_match_two_cells() -> None:
     gt = _inst([(0, 0, 10, 10), (0, 0, 10, 10)])
-    ap, (p, r, _) = _ap(gt, _inst([(0, 0, 10, 10)]))
+    _, (p, r, _) = _ap(gt, _inst([(0, 0, 10, 10)]))
     assert r == 0.5 and p == 1.0

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from cellseg.edge.errors import ConfigError
 from cellseg.training.recipe import bundled_recipes, load_recipe
 
@@ -11,7 +10,15 @@ from cellseg.training.recipe import bundled_recipes, load_recipe
 def test_defaults_are_the_seed_setup() -> None:
     r = load_recipe()
     assert (r.model, r.epochs, r.batch, r.lr0, r.optimizer, r.momentum, r.weight_decay, r.imgsz) == (
-        "yolov9c-seg.yaml", 30, 4, 0.001, "SGD", 0.95, 0.0005, 640)
+        "yolov9c-seg.yaml",
+        30,
+        4,
+        0.001,
+        "SGD",
+        0.95,
+        0.0005,
+        640,
+    )
     assert load_recipe(Path("seed-yolov9c-seg.yaml")) == r
 
 

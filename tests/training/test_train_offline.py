@@ -74,8 +74,15 @@ def _train(args: list[str], tmp_path: Path, crash: bool = False) -> tuple[subpro
         "CRASH_AFTER_FIRST_EPOCH": "1" if crash else "0",
         "PYTHONPATH": ":".join(sys.path),
     }
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *args], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, *args],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     return proc, json.loads(attempts.read_text()) if attempts.exists() else ["<driver did not finish>"]
 
 
@@ -83,10 +90,17 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
     data = _subset(usiigaci_dataset, tmp_path / "ds", ["set1", "set2", "set3", "set4"], ["set46", "set47"])
     run = tmp_path / "runs" / "tiny"
     common = ["train", "--data", str(data), "--run", str(run)]
-    overrides = ["model=yolo11n-seg.yaml", "epochs=2", "batch=2", "imgsz=128", "workers=0", "threads=2",
-                 "close_mosaic=0"]
+    overrides = [
+        "model=yolo11n-seg.yaml",
+        "epochs=2",
+        "batch=2",
+        "imgsz=128",
+        "workers=0",
+        "threads=2",
+        "close_mosaic=0",
+    ]
 
-    first, attempts = _train([*common, *sum((["--set", o] for o in overrides), [])], tmp_path, crash=True)
+    first, attempts = _train([*common, *[arg for o in overrides for arg in ("--set", o)]], tmp_path, crash=True)
     assert first.returncode == 17, first.stdout[-3000:] + first.stderr[-3000:]
     assert attempts == [], f"network was attempted: {attempts}"
     assert (run / "weights" / "last.pt").is_file()

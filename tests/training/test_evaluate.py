@@ -1,0 +1,106 @@
+"""``cellseg eval`` on the Usiigaci val split with the shipped model, checked against pycocotools."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cellseg.training.evaluate import EvalReport, evaluate
+from cellseg.training.metrics import Instances
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from cellseg.cli import main
+
+
+@pytest.fixture(scope="module")
+def evaluated(shipped_model: Path, usiigaci_dataset: Path) -> tuple[EvalReport, list[tuple[str, Instances, Instances]]]:
+    report, kept = evaluate(
+        shipped_model, usiigaci_dataset / "data.yaml", ("val",), progress=False, keep_predictions=True
+    )
+    return report, kept["val"]
+
+
+def _rle(mask: np.ndarray, origin: np.ndarray, width: int, height: int) -> dict[str, Any]:
+    full = np.zeros((height, width), dtype=np.uint8)
+    x, y = (int(v) for v in origin)
+    full[y : y + mask.shape[0], x : x + mask.shape[1]] = mask
+    rle = mask_utils.encode(np.asfortranarray(full))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def _cocoeval(triples: list[tuple[str, Instances, Instances]], kind: str) -> tuple[float, float]:
+    """(mAP50, mAP50-95) from pycocotools on the same ground truth and predictions."""
+    width, height = 1024, 1022
+    images, annotations, detections = [], [], []
+    for image_id, (name, gt, pred) in enumerate(triples):
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        for i in range(len(gt)):
+            x0, y0, x1, y1 = gt.boxes[i].tolist()
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                "segmentation": _rle(gt.masks[i], gt.origins[i], width, height),
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(gt.masks[i].sum()),
+            })  # fmt: skip
+        for i in range(len(pred)):
+            det: dict[str, Any] = {"image_id": image_id, "category_id": 1, "score": float(pred.scores[i])}
+            if kind == "segm":
+                det["segmentation"] = _rle(pred.masks[i], pred.origins[i], width, height)
+            else:
+                x0, y0, x1, y1 = pred.boxes[i].tolist()
+                det["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+            detections.append(det)
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "cell"}]}
+    coco.createIndex()
+    ev = COCOeval(coco, coco.loadRes(detections), kind)
+    ev.params.maxDets = [1, 10, 1000]  # dense cultures: never cap detections at COCO's 100
+    ev.evaluate()
+    ev.accumulate()
+    precision = ev.eval["precision"][:, :, 0, 0, -1]  # (iou, recall), area 'all', maxDets 1000
+    return float(precision[0].mean()), float(precision.mean())
+
+
+@pytest.mark.parametrize(("kind", "key"), [("segm", "mask"), ("bbox", "box")])
+def test_map_agrees_with_pycocotools(evaluated: tuple[EvalReport, list[Any]], kind: str, key: str) -> None:
+    report, triples = evaluated
+    ours = report.splits[0].__dict__[key]
+    map50, map5095 = _cocoeval(triples, kind)
+    assert ours["mAP50"] == pytest.approx(map50, abs=0.01)
+    assert ours["mAP50-95"] == pytest.approx(map5095, abs=0.01)
+    assert map50 > 0.1, "the shipped model should find cells in the val frames"
+
+
+def test_counts_and_confluence_against_ground_truth(
+    evaluated: tuple[EvalReport, list[Any]], gt_stats: dict[tuple[str, str], dict[str, str]]
+) -> None:
+    report, _ = evaluated
+    split = report.splits[0]
+    assert split.images == 5 and split.instances == sum(
+        int(gt_stats[("val", f"set{i}")]["n_instances"]) for i in range(46, 51)
+    )
+    for r in split.per_image:
+        row = gt_stats[("val", r.image)]
+        assert r.gt_count == int(row["n_instances"])
+        assert r.gt_confluence_pct == pytest.approx(100 * float(row["gt_coverage_fraction"]), abs=0.3)
+        assert r.count_error == r.pred_count - r.gt_count
+    assert split.count_mae == pytest.approx(np.mean([abs(r.count_error) for r in split.per_image]))
+
+
+def test_eval_command_prints_the_table_and_writes_json(
+    capsys: pytest.CaptureFixture[str], shipped_model: Path, usiigaci_dataset: Path, tmp_path: Path
+) -> None:
+    out_json = tmp_path / "eval.json"
+    code = main(["eval", str(shipped_model), "--data", str(usiigaci_dataset / "data.yaml"), "--json", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "box P" in out and "mask P" in out and "mAP50" in out and "confl. MAE pp" in out
+    assert "val/set46" in out
+    data = json.loads(out_json.read_text())
+    assert [s["split"] for s in data["splits"]] == ["val"]  # the dataset has no test split
+    assert set(data["splits"][0]["mask"]) == {"P", "R", "mAP50", "mAP50-95"}

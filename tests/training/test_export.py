@@ -1,0 +1,63 @@
+"""``cellseg export`` on the shipped weights: metadata, and parity with PyTorch on real frames."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
+from cellseg.edge.errors import ModelError
+from cellseg.edge.imageio import read_image
+from cellseg.edge.predictor import Predictor
+from cellseg.edge.types import Frame
+from cellseg.training.export import export_onnx
+
+from tests.conftest import SAMPLES, SHIPPED_WEIGHTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def weights() -> Path:
+    if not SHIPPED_WEIGHTS.is_file():
+        pytest.fail(f"the shipped weights {SHIPPED_WEIGHTS} are missing from the repository")
+    return SHIPPED_WEIGHTS
+
+
+def test_export_matches_pytorch_and_carries_metadata(
+    weights: Path, shipped_model: Path, usiigaci: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model.onnx"
+    frames = [usiigaci / "val/set47/raw.tif", SAMPLES / "usiigaci-val-set50.png"]
+    report = export_onnx(weights, out, frames)
+    assert report.ok and len(report.checks) == 2
+    for check in report.checks:
+        assert check.max_abs_diff["boxes"] < 0.05  # pixels, on a 640 input
+        assert check.max_abs_diff["scores_and_coefficients"] < 1e-3
+
+    model = onnx.load(str(out))
+    graph_in = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in graph_in] == [1, 3, 640, 640]  # static shape
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["cellseg"])
+    assert meta["class_names"] == ["cell"] and meta["imgsz"] == [640, 640] and meta["stride"] == 32
+    assert meta["weights_sha256"] == file_sha256(weights)
+    assert meta["intensity_mapping"] == {"low_pct": 0.5, "high_pct": 99.5, "max_samples": 65536, "method": "percentile"}
+    assert meta["precision"] == "fp32"
+
+    # The fresh export behaves exactly like the shipped one on a real 16-bit frame.
+    frame = Frame(read_image(usiigaci / "val/set48/raw.tif"))
+    with OnnxRuntimeEngine(out) as fresh, OnnxRuntimeEngine(shipped_model) as shipped:
+        a, b = Predictor(fresh)(frame).measurement, Predictor(shipped)(frame).measurement
+    assert a.count == b.count and a.confluence_pct == pytest.approx(b.confluence_pct, abs=0.05)
+
+
+def test_export_refuses_without_real_images(weights: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="at least one real image"):
+        export_onnx(weights, tmp_path / "m.onnx", [])
+
+
+def test_export_refuses_missing_weights(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no such weights file"):
+        export_onnx(tmp_path / "none.pt", tmp_path / "m.onnx", [SAMPLES / "usiigaci-val-set50.png"])
