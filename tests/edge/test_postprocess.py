@@ -1,0 +1,108 @@
+"""Hand-checkable postprocess cases on crafted raw outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellseg.edge.engine import RawOutputs
+from cellseg.edge.measure import measure
+from cellseg.edge.postprocess import PostprocessConfig, nms, postprocess
+from cellseg.edge.preprocess import letterbox_geometry
+from cellseg.edge.types import Frame
+
+
+def _raw(dets: list[tuple[float, float, float, float, list[float], float]], nc: int = 1, size: int = 64) -> RawOutputs:
+    """Raw outputs with one anchor per (cx, cy, w, h, class scores, mask coefficient), padded with empty anchors.
+
+    One constant prototype: a coefficient of +10 fills the box, -10 leaves it empty.
+    """
+    anchors = 84
+    preds = np.zeros((4 + nc + 1, anchors), dtype=np.float32)
+    for i, (cx, cy, w, h, scores, coef) in enumerate(dets):
+        preds[:4, i] = (cx, cy, w, h)
+        preds[4 : 4 + nc, i] = scores
+        preds[4 + nc, i] = coef
+    protos = np.ones((1, size // 4, size // 4), dtype=np.float32)
+    return RawOutputs(preds, protos)
+
+
+def test_nms_keeps_overlapping_boxes_below_the_threshold() -> None:
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10.2], [30, 30, 40, 40]], dtype=np.float32)
+    scores = np.array([0.9, 0.8, 0.95, 0.1], dtype=np.float32)
+    # Box 2 scores highest. IoU(2, 0) = 100/102: box 0 goes. IoU(2, 1) = 82.8/119.2 = 0.695 < 0.7: box 1 stays,
+    # but not at a threshold of 0.5.
+    np.testing.assert_array_equal(nms(boxes, scores, 0.7, 100), [2, 1, 3])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5, 100), [2, 3])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.7, 2), [2, 1])
+
+
+def test_boxes_and_masks_map_back_through_the_letterbox() -> None:
+    # A 128x64 frame in a 64x64 input: scale 0.5, 16 rows of padding on top.
+    g = letterbox_geometry(128, 64, 64, 64)
+    raw = _raw([(20, 36, 20, 20, [0.9], 10.0)])
+    det = postprocess(raw, g, PostprocessConfig(conf=0.25))
+    assert len(det) == 1
+    np.testing.assert_allclose(det.boxes[0], [20, 20, 60, 60])
+    assert tuple(det.mask_origins[0]) == (20, 20)
+    assert det.masks[0].shape == (40, 40) and det.masks[0].all()
+
+
+def test_a_mask_at_the_frame_edge_is_clipped_to_the_frame() -> None:
+    g = letterbox_geometry(64, 64, 64, 64)
+    raw = _raw([(2, 30, 10, 10, [0.9], 10.0), (62, 63, 8, 8, [0.8], 10.0)])
+    det = postprocess(raw, g, PostprocessConfig(conf=0.25))
+    assert len(det) == 2
+    np.testing.assert_allclose(det.boxes[0], [0, 25, 7, 35])
+    assert tuple(det.mask_origins[0]) == (0, 25) and det.masks[0].shape == (10, 7)
+    np.testing.assert_allclose(det.boxes[1], [58, 59, 64, 64])
+    x, y = det.mask_origins[1]
+    assert x + det.masks[1].shape[1] == 64 and y + det.masks[1].shape[0] == 64
+    m = measure(Frame(np.zeros((64, 64), np.uint8)), det)
+    assert m.count == 2 and m.confluence_pct == pytest.approx(100 * (70 + 30) / 4096)
+
+
+def test_confluence_counts_overlapping_cells_once() -> None:
+    g = letterbox_geometry(64, 64, 64, 64)
+    raw = _raw([(20, 20, 20, 20, [0.9], 10.0), (25, 20, 20, 20, [0.8], 10.0)])  # IoU 300/500 = 0.6
+    det = postprocess(raw, g, PostprocessConfig(conf=0.25, iou=0.7))
+    m = measure(Frame(np.zeros((64, 64), np.uint8)), det)
+    assert m.count == 2 and list(m.areas_px) == [400, 400]
+    assert m.confluence_pct == pytest.approx(100 * 500 / 4096)
+
+
+def test_empty_frame() -> None:
+    g = letterbox_geometry(64, 64, 64, 64)
+    det = postprocess(_raw([(20, 20, 10, 10, [0.1], 10.0)]), g, PostprocessConfig(conf=0.25))
+    assert len(det) == 0
+    m = measure(Frame(np.zeros((64, 64), np.uint8)), det)
+    assert (m.count, m.confluence_pct, m.areas_px.shape) == (0, 0.0, (0,))
+
+
+def test_negative_coefficient_gives_an_empty_mask_but_still_a_cell() -> None:
+    g = letterbox_geometry(64, 64, 64, 64)
+    det = postprocess(_raw([(20, 20, 10, 10, [0.9], -10.0)]), g, PostprocessConfig(conf=0.25))
+    assert len(det) == 1 and not det.masks[0].any()
+
+
+def test_classes_do_not_suppress_each_other() -> None:
+    g = letterbox_geometry(64, 64, 64, 64)
+    raw = _raw([(20, 20, 10, 10, [0.9, 0.0], 10.0), (20, 20, 10, 10, [0.0, 0.8], 10.0)], nc=2)
+    det = postprocess(raw, g, PostprocessConfig(conf=0.25))
+    assert list(det.class_ids) == [0, 1]
+
+
+def test_max_det_into_the_thousands() -> None:
+    g = letterbox_geometry(640, 640, 640, 640)
+    n = 1600  # a 40x40 grid of small cells, all distinct
+    preds = np.zeros((4 + 1 + 1, 8400), dtype=np.float32)
+    ys, xs = np.divmod(np.arange(n), 40)
+    preds[0, :n], preds[1, :n] = xs * 16 + 8, ys * 16 + 8
+    preds[2, :n] = preds[3, :n] = 10
+    preds[4, :n] = np.linspace(0.9, 0.5, n)
+    preds[5, :n] = 10.0
+    raw = RawOutputs(preds, np.ones((1, 160, 160), np.float32))
+    assert len(postprocess(raw, g, PostprocessConfig(conf=0.25, max_det=300))) == 300
+    det = postprocess(raw, g, PostprocessConfig(conf=0.25, max_det=5000))
+    assert len(det) == n
+    assert np.all(np.diff(det.scores) <= 0)
