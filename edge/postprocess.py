@@ -1,14 +1,19 @@
 """Raw YOLO-seg outputs -> Detections in frame coordinates (the numpy reference).
 
-Steps: confidence filter, class-aware greedy NMS, mask assembly for the kept detections only,
-each computed only inside its own box at the frame's resolution:
+Steps: confidence filter, class-aware greedy NMS, then mask assembly for the kept detections
+only, each computed only inside its own box at the frame's resolution:
 
-    mask_i(pixel) = bilinear( sigmoid(coefficients_i . prototypes) )(pixel centre) > threshold
+    logits_i = coefficients_i . prototypes                      (prototype resolution)
+    mask_i   = resample(logits_i) > logit(mask_threshold)       inside the box only
 
-The bilinear sampling maps each frame pixel centre through the letterbox to prototype
-coordinates with half-pixel centres and edge clamping, which is what upsampling the
-prototype-resolution masks to the input and then to the frame does in one step. The CUDA
-postprocess kernels implement the same semantics.
+``resample`` is bilinear with half-pixel centres and edge clamping, in two steps: the
+prototypes upsampled by the smallest factor (1, 2 or 4) that puts the letterbox edges on whole
+pixels, the padding cropped, and the content resampled to the frame. A pixel belongs to a box
+when its index lies in ``[x0, x1) x [y0, y1)``. A detection whose mask has no pixel is dropped
+(it has no area to measure and is not counted). These are the semantics of ultralytics'
+``retina_masks`` predictions, so the device agrees with the training framework's own
+predictions pixel for pixel (checked by a test whenever ultralytics is installed); the CUDA
+postprocess kernels implement the same.
 """
 
 from __future__ import annotations
@@ -76,25 +81,57 @@ def nms(
     return order[np.asarray(keep, dtype=np.intp)]
 
 
-def _bilinear_weights(
-    first: int, count: int, *, scale: float, pad: float, stride: float, size: int
-) -> tuple[int, npt.NDArray[np.float32]]:
-    """Interpolation matrix from a prototype window to ``count`` frame pixels from ``first``.
+def upsample_factor(letterbox: Letterbox, stride_x: float, stride_y: float) -> int:
+    """Smallest factor f in (1, 2, 4) that puts every letterbox edge on a whole pixel of the
+    prototypes upsampled f times (so the padding can be cropped exactly)."""
+    lb = letterbox
+    edges = [
+        (lb.pad_x, stride_x),
+        (lb.input_width - lb.pad_x - lb.resized_width, stride_x),
+        (lb.pad_y, stride_y),
+        (lb.input_height - lb.pad_y - lb.resized_height, stride_y),
+    ]
+    for f in (1, 2, 4):
+        if all((edge * f / stride).is_integer() for edge, stride in edges):
+            return f
+    return 4
 
-    Returns the window's first prototype index and a ``(count, window)`` weight matrix.
+
+def _axis_weights(
+    first: int, count: int, *, frame_size: int, resized: int, pad: int, stride: float, proto_size: int, factor: int
+) -> tuple[int, npt.NDArray[np.float32]]:
+    """Bilinear weights from prototype cells to ``count`` frame pixels starting at ``first``, along one axis.
+
+    Two resamplings, both bilinear with half-pixel centres and edge clamping: prototypes to a
+    grid ``factor`` times finer, then that grid's letterbox content (padding cropped) to the
+    frame. Returns the first prototype index used and a ``(count, window)`` weight matrix.
     """
-    centres = (np.arange(first, first + count, dtype=np.float64) + 0.5) * scale + pad
-    src = np.clip(centres / stride - 0.5, 0.0, size - 1)
+    crop0 = round(pad * factor / stride)
+    size = round(resized * factor / stride)
+    # Frame pixel centres -> the fine grid's cropped content.
+    src = np.clip((np.arange(first, first + count) + 0.5) * (size / frame_size) - 0.5, 0.0, size - 1) + crop0
     lo = np.floor(src).astype(np.intp)
-    hi = np.minimum(lo + 1, size - 1)
+    hi = np.minimum(lo + 1, crop0 + size - 1)
     frac = (src - lo).astype(np.float32)
-    start = int(lo[0])
-    window = int(hi[-1]) - start + 1
-    weights = np.zeros((count, window), dtype=np.float32)
-    rows = np.arange(count)
-    np.add.at(weights, (rows, lo - start), 1.0 - frac)
-    np.add.at(weights, (rows, hi - start), frac)
-    return start, weights
+    u0 = int(lo[0])
+    fine = _interp_matrix(lo - u0, hi - u0, frac, int(hi[-1]) - u0 + 1)
+    # Fine-grid rows u0.. -> prototype cells.
+    src1 = np.clip((np.arange(u0, u0 + fine.shape[1]) + 0.5) / factor - 0.5, 0.0, proto_size - 1)
+    lo1 = np.floor(src1).astype(np.intp)
+    hi1 = np.minimum(lo1 + 1, proto_size - 1)
+    p0 = int(lo1[0])
+    coarse = _interp_matrix(lo1 - p0, hi1 - p0, (src1 - lo1).astype(np.float32), int(hi1[-1]) - p0 + 1)
+    return p0, fine @ coarse
+
+
+def _interp_matrix(
+    lo: npt.NDArray[np.intp], hi: npt.NDArray[np.intp], frac: npt.NDArray[np.float32], width: int
+) -> npt.NDArray[np.float32]:
+    weights = np.zeros((lo.size, width), dtype=np.float32)
+    rows = np.arange(lo.size)
+    np.add.at(weights, (rows, lo), 1.0 - frac)
+    np.add.at(weights, (rows, hi), frac)
+    return weights
 
 
 def postprocess(raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig) -> Detections:
@@ -126,28 +163,41 @@ def postprocess(raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig
 
     # Input pixels -> frame pixels, clipped to the frame.
     lb = letterbox
-    frame_boxes = (boxes - np.array([lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y], np.float32)) / np.float32(lb.scale)
+    frame_boxes = (boxes - np.array([lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y], np.float32)) / np.array(
+        [lb.scale_x, lb.scale_y, lb.scale_x, lb.scale_y], np.float32
+    )
     frame_boxes[:, [0, 2]] = np.clip(frame_boxes[:, [0, 2]], 0, lb.frame_width)
     frame_boxes[:, [1, 3]] = np.clip(frame_boxes[:, [1, 3]], 0, lb.frame_height)
 
     stride_x, stride_y = lb.input_width / pw, lb.input_height / ph
+    factor = upsample_factor(lb, stride_x, stride_y)
+    # sigmoid(logit) > t  <=>  logit > log(t / (1 - t)): threshold the interpolated logits.
+    logit_threshold = math.log(config.mask_threshold / (1.0 - config.mask_threshold))
     masks: list[npt.NDArray[np.bool_]] = []
     origins = np.zeros((len(kept), 2), dtype=np.int32)
     keep_rows: list[int] = []
     for i, (x0, y0, x1, y1) in enumerate(frame_boxes.tolist()):
-        # Frame pixels whose centre lies inside the box.
-        c0, c1 = math.ceil(x0 - 0.5), math.floor(x1 - 0.5) + 1
-        r0, r1 = math.ceil(y0 - 0.5), math.floor(y1 - 0.5) + 1
+        # Frame pixels whose index lies in [x0, x1) x [y0, y1).
+        c0, c1 = math.ceil(x0), math.ceil(x1)
+        r0, r1 = math.ceil(y0), math.ceil(y1)
         c0, r0 = max(c0, 0), max(r0, 0)
         c1, r1 = min(c1, lb.frame_width), min(r1, lb.frame_height)
         if c1 <= c0 or r1 <= r0:
-            continue  # a box thinner than a pixel covers no pixel centre: no cell to measure
-        px0, wx = _bilinear_weights(c0, c1 - c0, scale=lb.scale, pad=lb.pad_x, stride=stride_x, size=pw)
-        py0, wy = _bilinear_weights(r0, r1 - r0, scale=lb.scale, pad=lb.pad_y, stride=stride_y, size=ph)
+            continue  # a box thinner than a pixel holds no pixel: nothing to measure
+        px0, wx = _axis_weights(
+            c0, c1 - c0, frame_size=lb.frame_width, resized=lb.resized_width, pad=lb.pad_x, stride=stride_x,
+            proto_size=pw, factor=factor,
+        )  # fmt: skip
+        py0, wy = _axis_weights(
+            r0, r1 - r0, frame_size=lb.frame_height, resized=lb.resized_height, pad=lb.pad_y, stride=stride_y,
+            proto_size=ph, factor=factor,
+        )  # fmt: skip
         window = protos[:, py0 : py0 + wy.shape[1], px0 : px0 + wx.shape[1]].reshape(nm, -1)
         logits = (coefs[i] @ window).reshape(wy.shape[1], wx.shape[1])
-        probs = 1.0 / (1.0 + np.exp(-logits))
-        masks.append((wy @ probs @ wx.T) > config.mask_threshold)
+        mask = (wy @ logits @ wx.T) > logit_threshold
+        if not mask.any():
+            continue  # a detection without a single mask pixel is not a cell (ultralytics drops these too)
+        masks.append(mask)
         origins[i] = (c0, r0)
         keep_rows.append(i)
     rows = np.asarray(keep_rows, dtype=np.intp)

@@ -20,7 +20,7 @@ PAD_VALUE = 114
 def letterbox_geometry(frame_width: int, frame_height: int, input_width: int, input_height: int) -> Letterbox:
     """Scale and padding that fit a frame into the input, preserving its aspect ratio."""
     scale = min(input_width / frame_width, input_height / frame_height)
-    resized_w, resized_h = round(frame_width * scale), round(frame_height * scale)
+    resized_w, resized_h = max(round(frame_width * scale), 1), max(round(frame_height * scale), 1)
     dw, dh = (input_width - resized_w) / 2, (input_height - resized_h) / 2
     # round(d - 0.1) puts the odd pixel of padding on the right/bottom side, as in training.
     return Letterbox(

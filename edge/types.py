@@ -56,10 +56,10 @@ class Frame:
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How a frame was fitted into the engine input: ``input = frame * scale + (pad_x, pad_y)``.
+    """How a frame was fitted into the engine input: ``input = frame * (scale_x, scale_y) + (pad_x, pad_y)``.
 
     Attributes:
-        scale: resize factor applied to the frame.
+        scale: the fit factor; the frame is resized to ``round(side * scale)`` pixels per side.
         pad_x, pad_y: left and top padding in input pixels.
         frame_width, frame_height: the original frame size.
         input_width, input_height: the engine input size.
@@ -75,11 +75,22 @@ class Letterbox:
 
     @property
     def resized_width(self) -> int:
-        return round(self.frame_width * self.scale)
+        return max(round(self.frame_width * self.scale), 1)
 
     @property
     def resized_height(self) -> int:
-        return round(self.frame_height * self.scale)
+        return max(round(self.frame_height * self.scale), 1)
+
+    # The resize maps the frame onto a whole number of pixels, so each axis' effective scale is
+    # resized / frame, which differs from ``scale`` by up to half a pixel over the frame
+    # (1022 rows -> 639, not 638.75). Coordinates mapped back to the frame use these.
+    @property
+    def scale_x(self) -> float:
+        return self.resized_width / self.frame_width
+
+    @property
+    def scale_y(self) -> float:
+        return self.resized_height / self.frame_height
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cellseg.edge.engine import RawOutputs
 from cellseg.edge.measure import measure
 from cellseg.edge.postprocess import PostprocessConfig, nms, postprocess
@@ -79,10 +78,11 @@ def test_empty_frame() -> None:
     assert (m.count, m.confluence_pct, m.areas_px.shape) == (0, 0.0, (0,))
 
 
-def test_negative_coefficient_gives_an_empty_mask_but_still_a_cell() -> None:
+def test_a_detection_without_mask_pixels_is_not_a_cell() -> None:
     g = letterbox_geometry(64, 64, 64, 64)
-    det = postprocess(_raw([(20, 20, 10, 10, [0.9], -10.0)]), g, PostprocessConfig(conf=0.25))
-    assert len(det) == 1 and not det.masks[0].any()
+    raw = _raw([(20, 20, 10, 10, [0.9], -10.0), (40, 40, 10, 10, [0.8], 10.0)])
+    det = postprocess(raw, g, PostprocessConfig(conf=0.25))
+    assert len(det) == 1 and det.scores[0] == pytest.approx(0.8) and det.masks[0].all()
 
 
 def test_classes_do_not_suppress_each_other() -> None:
