@@ -129,13 +129,91 @@ def _interp_matrix(
 ) -> npt.NDArray[np.float32]:
     weights = np.zeros((lo.size, width), dtype=np.float32)
     rows = np.arange(lo.size)
-    np.add.at(weights, (rows, lo), 1.0 - frac)
-    np.add.at(weights, (rows, hi), frac)
+    # Two assignments, not one: where lo == hi (the clamped edge) the weights must add up to 1.
+    weights[rows, lo] = 1.0 - frac
+    weights[rows, hi] += frac
     return weights
 
 
-def postprocess(raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig) -> Detections:
-    """Decode one image's raw outputs into Detections in frame pixels."""
+@dataclass(frozen=True)
+class AxisResampler:
+    """Interpolation weights from prototype cells to every frame pixel along one axis.
+
+    Attributes:
+        weights: ``(frame_size, proto_size)``; row i holds pixel i's weights.
+        first, stop: for each pixel, the range of prototype cells with a non-zero weight
+            (non-decreasing along the axis, so a run of pixels needs ``first[a]:stop[b - 1]``).
+    """
+
+    weights: npt.NDArray[np.float32]
+    first: npt.NDArray[np.intp]
+    stop: npt.NDArray[np.intp]
+
+    @classmethod
+    def build(
+        cls, *, frame_size: int, resized: int, pad: int, stride: float, proto_size: int, factor: int
+    ) -> AxisResampler:
+        p0, part = _axis_weights(
+            0, frame_size, frame_size=frame_size, resized=resized, pad=pad, stride=stride, proto_size=proto_size,
+            factor=factor,
+        )  # fmt: skip
+        weights = np.zeros((frame_size, proto_size), dtype=np.float32)
+        weights[:, p0 : p0 + part.shape[1]] = part
+        nonzero = weights != 0
+        first = np.argmax(nonzero, axis=1)
+        stop = proto_size - np.argmax(nonzero[:, ::-1], axis=1)
+        return cls(weights, first, stop)
+
+    def window(self, start: int, end: int) -> tuple[int, int, npt.NDArray[np.float32]]:
+        """Prototype range and ``(end - start, stop - first)`` weights for pixels ``start:end``."""
+        p0, p1 = int(self.first[start]), int(self.stop[end - 1])
+        return p0, p1, self.weights[start:end, p0:p1]
+
+
+@dataclass(frozen=True)
+class MaskResampler:
+    """Both axes' weights for one frame geometry; built once and reused while the geometry holds."""
+
+    x: AxisResampler
+    y: AxisResampler
+
+    @classmethod
+    def build(cls, letterbox: Letterbox, proto_height: int, proto_width: int) -> MaskResampler:
+        lb = letterbox
+        stride_x, stride_y = lb.input_width / proto_width, lb.input_height / proto_height
+        factor = upsample_factor(lb, stride_x, stride_y)
+        return cls(
+            x=AxisResampler.build(frame_size=lb.frame_width, resized=lb.resized_width, pad=lb.pad_x, stride=stride_x,
+                                  proto_size=proto_width, factor=factor),
+            y=AxisResampler.build(frame_size=lb.frame_height, resized=lb.resized_height, pad=lb.pad_y,
+                                  stride=stride_y, proto_size=proto_height, factor=factor),
+        )  # fmt: skip
+
+
+class Postprocessor:
+    """:func:`postprocess` with the per-geometry resampling weights cached across frames."""
+
+    def __init__(self, config: PostprocessConfig) -> None:
+        self.config = config
+        self._key: tuple[Letterbox, int, int] | None = None
+        self._resampler: MaskResampler | None = None
+
+    def __call__(self, raw: RawOutputs, letterbox: Letterbox) -> Detections:
+        key = (letterbox, raw.prototypes.shape[1], raw.prototypes.shape[2])
+        if self._resampler is None or key != self._key:
+            self._resampler = MaskResampler.build(letterbox, key[1], key[2])
+            self._key = key
+        return postprocess(raw, letterbox, self.config, self._resampler)
+
+
+def postprocess(
+    raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig, resampler: MaskResampler | None = None
+) -> Detections:
+    """Decode one image's raw outputs into Detections in frame pixels.
+
+    ``resampler`` must have been built for this letterbox and prototype size (see
+    :class:`Postprocessor`, which caches it); one is built when it is not given.
+    """
     preds, protos = raw.predictions, raw.prototypes
     nm, ph, pw = protos.shape
     nc = preds.shape[0] - 4 - nm
@@ -169,8 +247,7 @@ def postprocess(raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig
     frame_boxes[:, [0, 2]] = np.clip(frame_boxes[:, [0, 2]], 0, lb.frame_width)
     frame_boxes[:, [1, 3]] = np.clip(frame_boxes[:, [1, 3]], 0, lb.frame_height)
 
-    stride_x, stride_y = lb.input_width / pw, lb.input_height / ph
-    factor = upsample_factor(lb, stride_x, stride_y)
+    resampler = resampler or MaskResampler.build(lb, ph, pw)
     # sigmoid(logit) > t  <=>  logit > log(t / (1 - t)): threshold the interpolated logits.
     logit_threshold = math.log(config.mask_threshold / (1.0 - config.mask_threshold))
     masks: list[npt.NDArray[np.bool_]] = []
@@ -178,22 +255,13 @@ def postprocess(raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig
     keep_rows: list[int] = []
     for i, (x0, y0, x1, y1) in enumerate(frame_boxes.tolist()):
         # Frame pixels whose index lies in [x0, x1) x [y0, y1).
-        c0, c1 = math.ceil(x0), math.ceil(x1)
-        r0, r1 = math.ceil(y0), math.ceil(y1)
-        c0, r0 = max(c0, 0), max(r0, 0)
-        c1, r1 = min(c1, lb.frame_width), min(r1, lb.frame_height)
+        c0, c1 = max(math.ceil(x0), 0), min(math.ceil(x1), lb.frame_width)
+        r0, r1 = max(math.ceil(y0), 0), min(math.ceil(y1), lb.frame_height)
         if c1 <= c0 or r1 <= r0:
             continue  # a box thinner than a pixel holds no pixel: nothing to measure
-        px0, wx = _axis_weights(
-            c0, c1 - c0, frame_size=lb.frame_width, resized=lb.resized_width, pad=lb.pad_x, stride=stride_x,
-            proto_size=pw, factor=factor,
-        )  # fmt: skip
-        py0, wy = _axis_weights(
-            r0, r1 - r0, frame_size=lb.frame_height, resized=lb.resized_height, pad=lb.pad_y, stride=stride_y,
-            proto_size=ph, factor=factor,
-        )  # fmt: skip
-        window = protos[:, py0 : py0 + wy.shape[1], px0 : px0 + wx.shape[1]].reshape(nm, -1)
-        logits = (coefs[i] @ window).reshape(wy.shape[1], wx.shape[1])
+        px0, px1, wx = resampler.x.window(c0, c1)
+        py0, py1, wy = resampler.y.window(r0, r1)
+        logits = np.tensordot(coefs[i], protos[:, py0:py1, px0:px1], axes=1)
         mask = (wy @ logits @ wx.T) > logit_threshold
         if not mask.any():
             continue  # a detection without a single mask pixel is not a cell (ultralytics drops these too)

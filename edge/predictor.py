@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from cellseg.edge.engine import Engine
 from cellseg.edge.measure import measure
-from cellseg.edge.postprocess import PostprocessConfig, postprocess
+from cellseg.edge.postprocess import PostprocessConfig, Postprocessor
 from cellseg.edge.preprocess import Preprocessor
 from cellseg.edge.types import Detections, Frame, Measurement
 
@@ -33,6 +33,7 @@ class Predictor:
         self.engine = engine
         self.config = config or PostprocessConfig.from_thresholds(engine.info.thresholds)
         self.pixel_size_um = pixel_size_um
+        self.postprocessor = Postprocessor(self.config)
         self.preprocessor = Preprocessor(engine.info.input_width, engine.info.input_height, engine.info.mapping)
 
     def __call__(self, frame: Frame, extra_latencies_ms: dict[str, float] | None = None) -> Result:
@@ -41,7 +42,7 @@ class Predictor:
         t1 = time.perf_counter()
         raw = self.engine.infer(tensor)
         t2 = time.perf_counter()
-        detections = postprocess(raw, letterbox, self.config)
+        detections = self.postprocessor(raw, letterbox)
         t3 = time.perf_counter()
         m = measure(frame, detections, None, self.pixel_size_um, self.engine.engine_id)
         t4 = time.perf_counter()
