@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--labels-format", choices=["png", "tif"], default="png")
     pr.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in µm²")
     _add_threshold_args(pr)
+
+    be = sub.add_parser("bench", help="inference speed of the engine on this machine")
+    be.add_argument("images", nargs="*", help="frames, folders or globs (default: the bundled sample frames)")
+    be.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
+    be.add_argument("--runs", type=int, default=5, help="passes over the frames")
+    be.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    be.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -134,6 +141,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_export(args)
     if args.command == "predict":
         return _cmd_predict(args)
+    if args.command == "bench":
+        return _cmd_bench(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse allows no other value
 
 
@@ -249,6 +258,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     )
     failures = run_predict(model, inputs, options)
     return 1 if failures else 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cellseg.edge.benchmark import run_bench
+    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+    from cellseg.edge.predict import expand_inputs
+
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    images = list(expand_inputs(args.images or [str(samples)]))
+    if not images:
+        print("cellseg bench: error: no images found", file=sys.stderr)
+        return 2
+    if args.runs < 1:
+        print("cellseg bench: error: --runs must be at least 1", file=sys.stderr)
+        return 2
+    with OnnxRuntimeEngine(args.model or default_model(), threads=args.threads) as engine:
+        engine.warmup()
+        report = run_bench(engine, images, runs=args.runs)
+    print(json.dumps(report.to_dict()) if args.json else report.format())
+    return 0
 
 
 if __name__ == "__main__":

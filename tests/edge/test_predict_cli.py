@@ -133,3 +133,15 @@ def test_a_truncated_model_is_a_clear_error(
     model.write_bytes(shipped_model.read_bytes()[: shipped_model.stat().st_size // 2])
     assert main(["predict", str(model), str(SAMPLE_FRAMES[0])]) == 2
     assert "truncated.onnx: ONNX Runtime cannot load it" in capsys.readouterr().err
+
+
+def test_bench_reports_speed_and_stages(capsys: pytest.CaptureFixture[str], shipped_model: Path) -> None:
+    code = main(["bench", "--model", str(shipped_model), "--runs", "1", "--threads", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames"] == len(SAMPLE_FRAMES) and report["precision"] == "fp32"
+    assert report["input_size"] == "640x640"
+    assert set(report["stage_ms"]) == {"preprocess", "infer", "postprocess", "measure"}
+    assert report["images_per_s"] > 0
+    assert report["ms_per_image"] >= report["stage_ms"]["infer"]
+    assert report["cells_per_frame"] > 20
