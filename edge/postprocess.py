@@ -59,26 +59,21 @@ def nms(
         kept, higher-scoring box is strictly greater than ``iou_threshold``.
     """
     order = np.argsort(-scores, kind="stable")
-    boxes = boxes[order].astype(np.float32)
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    alive = np.ones(len(order), dtype=bool)
+    x0, y0, x1, y1 = (boxes[:, k].astype(np.float32) for k in range(4))
+    areas = (x1 - x0) * (y1 - y0)
     keep: list[int] = []
-    for i in range(len(order)):
-        if not alive[i]:
-            continue
+    # The candidates still alive, best first; each kept box removes what it suppresses, so the
+    # work shrinks as the loop goes.
+    alive = order
+    while alive.size and len(keep) < max_keep:
+        i, rest = int(alive[0]), alive[1:]
         keep.append(i)
-        if len(keep) >= max_keep:
-            break
-        rest = np.nonzero(alive[i + 1 :])[0] + i + 1
-        if rest.size == 0:
-            break
-        b = boxes[rest]
-        iw = np.clip(np.minimum(b[:, 2], boxes[i, 2]) - np.maximum(b[:, 0], boxes[i, 0]), 0, None)
-        ih = np.clip(np.minimum(b[:, 3], boxes[i, 3]) - np.maximum(b[:, 1], boxes[i, 1]), 0, None)
+        iw = np.clip(np.minimum(x1[rest], x1[i]) - np.maximum(x0[rest], x0[i]), 0, None)
+        ih = np.clip(np.minimum(y1[rest], y1[i]) - np.maximum(y0[rest], y0[i]), 0, None)
         inter = iw * ih
         iou = inter / (areas[rest] + areas[i] - inter + 1e-9)
-        alive[rest[iou > iou_threshold]] = False
-    return order[np.asarray(keep, dtype=np.intp)]
+        alive = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.intp)
 
 
 def upsample_factor(letterbox: Letterbox, stride_x: float, stride_y: float) -> int:
@@ -248,6 +243,9 @@ def postprocess(
     frame_boxes[:, [1, 3]] = np.clip(frame_boxes[:, [1, 3]], 0, lb.frame_height)
 
     resampler = resampler or MaskResampler.build(lb, ph, pw)
+    # (ph, pw, nm): a box's window of prototypes is then one strided view that a single matrix
+    # product reduces with its coefficients.
+    protos_hwc = np.ascontiguousarray(protos.transpose(1, 2, 0))
     # sigmoid(logit) > t  <=>  logit > log(t / (1 - t)): threshold the interpolated logits.
     logit_threshold = math.log(config.mask_threshold / (1.0 - config.mask_threshold))
     masks: list[npt.NDArray[np.bool_]] = []
@@ -261,7 +259,7 @@ def postprocess(
             continue  # a box thinner than a pixel holds no pixel: nothing to measure
         px0, px1, wx = resampler.x.window(c0, c1)
         py0, py1, wy = resampler.y.window(r0, r1)
-        logits = np.tensordot(coefs[i], protos[:, py0:py1, px0:px1], axes=1)
+        logits = protos_hwc[py0:py1, px0:px1] @ coefs[i]
         mask = (wy @ logits @ wx.T) > logit_threshold
         if not mask.any():
             continue  # a detection without a single mask pixel is not a cell (ultralytics drops these too)
