@@ -131,19 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "data":
-        return _cmd_data(args)
-    if args.command == "train":
-        return _cmd_train(args)
-    if args.command == "eval":
-        return _cmd_eval(args)
-    if args.command == "export":
-        return _cmd_export(args)
-    if args.command == "predict":
-        return _cmd_predict(args)
-    if args.command == "bench":
-        return _cmd_bench(args)
-    raise AssertionError(f"unhandled command {args.command}")  # argparse allows no other value
+    commands = {
+        "data": _cmd_data,
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+        "export": _cmd_export,
+        "predict": _cmd_predict,
+        "bench": _cmd_bench,
+    }
+    return commands[args.command](args)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
