@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
     ex.add_argument("--check-images", type=Path, nargs="+", required=True, help="real images for the parity check")
     ex.add_argument("--imgsz", type=int, help="input size (default: the training size)")
+    ex.add_argument(
+        "--publish-weights", type=Path, metavar="PT", help="also write shareable weights here (paths stripped)"
+    )
+    ex.add_argument("--run", type=Path, help="training run folder for the metadata (default: the weights' run)")
     ex.add_argument("--opset", type=int)
     ex.add_argument("--conf", type=float, default=0.25, help="default confidence shipped with the model")
     ex.add_argument("--iou", type=float, default=0.7, help="default NMS IoU shipped with the model")
@@ -214,13 +218,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from cellseg.edge.model_info import Thresholds
     from cellseg.training.export import export_onnx
 
+    weights, run_dir = args.weights, args.run or args.weights.resolve().parent.parent
+    if args.publish_weights:
+        from cellseg.training.checkpoint import publish_checkpoint
+
+        # Export from the published copy, so the model's weights_sha256 names the shared file.
+        publish_checkpoint(args.weights, args.publish_weights)
+        weights = args.publish_weights
+        print(f"wrote {weights} (machine paths and optimizer state removed)")
     report = export_onnx(
-        args.weights,
+        weights,
         args.output,
         list(args.check_images),
         imgsz=args.imgsz,
         opset=args.opset,
         thresholds=Thresholds(conf=args.conf, iou=args.iou, max_det=args.max_det),
+        run_dir=run_dir,
     )
     print(f"wrote {report.onnx_path} ({report.size_bytes / 1e6:.1f} MB, sha256 {report.onnx_sha256})")
     for check in report.checks:

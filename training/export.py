@@ -58,9 +58,8 @@ class ExportReport:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
 
-def _run_metadata(weights: Path) -> dict[str, Any]:
-    """Recipe and dataset hash from the training run the weights came from, when present."""
-    run_dir = weights.resolve().parent.parent
+def _run_metadata(run_dir: Path) -> dict[str, Any]:
+    """Recipe, dataset hash and best epoch from the training run, when its files are there."""
     meta: dict[str, Any] = {}
     if (run_dir / "recipe.yaml").is_file():
         meta["recipe"] = yaml.safe_load((run_dir / "recipe.yaml").read_text())
@@ -80,8 +79,12 @@ def export_onnx(
     opset: int | None = None,
     thresholds: Thresholds | None = None,
     mapping: IntensityMapping | None = None,
+    run_dir: Path | None = None,
 ) -> ExportReport:
     """Export ``weights`` to ``output`` (ONNX) and check it on ``check_images``.
+
+    ``run_dir`` is the training run whose recipe and dataset hash go into the metadata
+    (default: the run folder the weights lie in, ``<run>/weights/best.pt``).
 
     Raises:
         ModelError: the weights are missing, the export fails, or the check fails (the
@@ -124,7 +127,7 @@ def export_onnx(
                 "precision": "fp32",
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source_weights": weights.name,
-                **_run_metadata(weights),
+                **_run_metadata(run_dir or weights.resolve().parent.parent),
             },
         )
         entry = next((p for p in proto.metadata_props if p.key == CELLSEG_METADATA_KEY), None)

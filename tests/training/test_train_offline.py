@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cellseg.training.checkpoint import publish_checkpoint
+
 pytestmark = pytest.mark.slow
 
 # Runs in a fresh interpreter so ultralytics is imported for the first time under our settings,
@@ -122,6 +124,13 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
     assert (run / ".ultralytics" / "Ultralytics" / "Arial.ttf").is_file()
     assert not (tmp_path / "home" / ".config" / "Ultralytics").exists()
     assert yaml.safe_load((run / "recipe.yaml").read_text())["epochs"] == 2
+
+    # Published weights keep the training arguments but none of this machine's paths.
+    published = tmp_path / "shared" / "tiny.pt"
+    args = publish_checkpoint(run / "weights" / "best.pt", published)
+    assert args["data"] == "data.yaml" and args["imgsz"] == 128
+    assert str(tmp_path).encode() not in published.read_bytes()
+    assert str(tmp_path).encode() in (run / "weights" / "best.pt").read_bytes()
 
 
 def test_pretrained_weights_are_never_downloaded(usiigaci_dataset: Path, tmp_path: Path) -> None:
