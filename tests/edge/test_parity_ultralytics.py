@@ -20,7 +20,7 @@ from cellseg.edge.postprocess import PostprocessConfig
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Frame
 from cellseg.training.evaluate import predictions
-from cellseg.training.metrics import Instances, box_iou, mask_iou
+from cellseg.training.metrics import Instances, box_iou
 
 pytest.importorskip("ultralytics", reason="the parity check needs ultralytics (the 'train' extra)")
 
@@ -35,13 +35,45 @@ def peer(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     return ultralytics.YOLO(str(shipped_model), task="segment")
 
 
-@pytest.mark.parametrize("conf", [0.25, 0.001])
-def test_detections_match_ultralytics(peer: Any, shipped_model: Path, usiigaci: Path, conf: float) -> None:
+def _pair_iou(ours: Instances, i: int, theirs_full: np.ndarray) -> float:
+    """IoU of our cropped mask i with the peer's full-frame mask."""
+    x, y = (int(v) for v in ours.origins[i])
+    m = ours.masks[i]
+    inter = int(np.count_nonzero(theirs_full[y : y + m.shape[0], x : x + m.shape[1]] & m))
+    union = int(m.sum()) + int(theirs_full.sum()) - inter
+    return inter / union if union else 1.0
+
+
+def _differs_only_on_box_edges(ours: Instances, i: int, theirs_full: np.ndarray) -> bool:
+    """True when two masks differ only in the first/last pixel row or column of the box.
+
+    A box edge that lands on a whole pixel coordinate (x1 = 512.0000 in one float pipeline,
+    511.9999 in the other) takes or leaves a whole column of mask pixels; that is rounding,
+    not a difference in the masks. It happens among the junk detections at conf 0.001.
+    """
+    h, w = theirs_full.shape
+    mine = np.zeros((h, w), dtype=bool)
+    x, y = (int(v) for v in ours.origins[i])
+    m = ours.masks[i]
+    mine[y : y + m.shape[0], x : x + m.shape[1]] = m
+    rows, cols = np.nonzero(mine ^ theirs_full)
+    x0, y0, x1, y1 = ours.boxes[i]
+    edge_cols = {int(np.ceil(x0)) - 1, int(np.ceil(x0)), int(np.ceil(x1)) - 1, int(np.ceil(x1))}
+    edge_rows = {int(np.ceil(y0)) - 1, int(np.ceil(y0)), int(np.ceil(y1)) - 1, int(np.ceil(y1))}
+    return all(c in edge_cols or r in edge_rows for r, c in zip(rows.tolist(), cols.tolist(), strict=True))
+
+
+# At 0.001 ultralytics materialises ~1000 full-frame masks per frame (a gigabyte, seconds):
+# two frames are enough to show the dense case agrees too.
+@pytest.mark.parametrize(("conf", "frames"), [(0.25, VAL_SETS), (0.001, VAL_SETS[:2])])
+def test_detections_match_ultralytics(
+    peer: Any, shipped_model: Path, usiigaci: Path, conf: float, frames: list[str]
+) -> None:
     import cv2
 
     with OnnxRuntimeEngine(shipped_model) as engine:
         predictor = Predictor(engine, PostprocessConfig(conf=conf, iou=0.7, max_det=1000))
-        for name in VAL_SETS:
+        for name in frames:
             image8 = to_uint8(read_image(usiigaci / "val" / name / "raw.tif"))
             ours = predictions(predictor(Frame(image8)).detections)
             result = peer.predict(cv2.cvtColor(image8, cv2.COLOR_GRAY2BGR), conf=conf, iou=0.7, max_det=1000,
@@ -56,9 +88,16 @@ def test_detections_match_ultralytics(peer: Any, shipped_model: Path, usiigaci: 
             )
             assert len(ours) == n, f"{name}: {len(ours)} detections, ultralytics {n}"
             assert n > 20, f"{name}: the shipped model should find the cells"
-            # Both lists are in descending score order: detection i is detection i.
-            boxes = np.diag(box_iou(ours.boxes, theirs.boxes))
-            masks = np.diag(mask_iou(ours, theirs))
-            np.testing.assert_allclose(ours.scores, theirs.scores, atol=1e-4)
+            # Match each detection to the peer's best-overlapping one (equal scores may be listed
+            # in another order); the matching must be one-to-one.
+            box_ious = box_iou(ours.boxes, theirs.boxes)
+            match = box_ious.argmax(axis=1)
+            assert len(set(match.tolist())) == n, f"{name}: detections do not pair up one-to-one"
+            boxes = box_ious[np.arange(n), match]
+            masks = np.array([_pair_iou(ours, i, theirs.masks[j]) for i, j in enumerate(match.tolist())])
+            np.testing.assert_allclose(ours.scores, theirs.scores[match], atol=1e-4)
             assert boxes.min() >= 0.99, f"{name}: box IoU {boxes.min():.4f}"
-            assert masks.min() >= 0.95, f"{name}: mask IoU {masks.min():.4f}"
+            for i in np.flatnonzero(masks < 0.95):
+                assert _differs_only_on_box_edges(ours, i, theirs.masks[match[i]]), (
+                    f"{name}: detection {i} mask IoU {masks[i]:.4f} inside its box"
+                )
