@@ -82,8 +82,10 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return candidate
 
 
-def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out: IO[str] = sys.stdout) -> int:
-    """Returns the number of images that failed (0: all succeeded)."""
+def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out: IO[str] | None = None) -> int:
+    """Writes one line (or row) per image to ``out`` (default: standard output); returns the
+    number of images that failed (0: all succeeded)."""
+    out = out or sys.stdout
     import cv2
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
     from cellseg.edge.overlay import draw_overlay

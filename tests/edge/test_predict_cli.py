@@ -96,7 +96,7 @@ def test_overlays_and_label_images(capsys: pytest.CaptureFixture[str], shipped_m
     assert ids[0] == 0 and ids.max() == result["count"]
     assert len(ids) - 1 >= 0.95 * result["count"]  # overlapping cells may hide a few small ones
     covered = 100 * np.count_nonzero(labels) / labels.size
-    assert covered == pytest.approx(result["confluence_pct"], abs=1e-6)
+    assert covered == pytest.approx(result["confluence_pct"], abs=1e-4)  # JSON keeps 4 decimals
 
 
 def test_csv_output(capsys: pytest.CaptureFixture[str], shipped_model: Path) -> None:
@@ -107,7 +107,7 @@ def test_csv_output(capsys: pytest.CaptureFixture[str], shipped_model: Path) -> 
 
 
 def test_default_model_and_glob(capsys: pytest.CaptureFixture[str], shipped_model: Path) -> None:
-    code, out = _run(capsys, str(SAMPLES / "usiigaci-val-set4*.png"))
+    code, out = _run(capsys, str(SAMPLES / "usiigaci-val-set5*.png"))
     assert code == 0
     assert out.count(" cells, confluence ") == 1
 
