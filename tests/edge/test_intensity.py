@@ -69,3 +69,15 @@ def test_unsupported_pixel_types_are_refused(dtype: type) -> None:
 def test_bad_mapping_parameters_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         IntensityMapping(**kwargs)  # type: ignore[arg-type]
+
+
+def test_histogram_limits_equal_numpy_percentile(frame16: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    cases = [frame16, frame16[:7, :5], (frame16 >> 4).astype(np.uint16)]
+    cases += [rng.integers(0, 4096, size=(37, 53), dtype=np.uint16) for _ in range(20)]
+    for image in cases:
+        for low, high in [(0.5, 99.5), (0.0, 100.0), (2.0, 98.0), (33.3, 66.6)]:
+            mapping = IntensityMapping(low_pct=low, high_pct=high)
+            stride = sample_stride(image.shape[0], image.shape[1], mapping.max_samples)
+            expected = np.percentile(image[::stride, ::stride], [low, high])
+            np.testing.assert_allclose(stretch_limits(image, mapping), expected, rtol=0, atol=1e-9)
