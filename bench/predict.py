@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# As the cellseg command does (see cellseg.cli._single_threaded_blas): BLAS threads only slow
+# down the small per-cell products of the mask assembly. Set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "cellseg-usiigaci-yolo11n-seg.onnx"
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
