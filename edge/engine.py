@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+
 from cellseg.edge.model_info import ModelInfo
 
 

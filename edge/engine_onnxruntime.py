@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from cellseg.edge.engine import RawOutputs
 from cellseg.edge.errors import DependencyError, ModelError
 from cellseg.edge.model_info import ModelInfo

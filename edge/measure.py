@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from cellseg.edge.types import Detections, Frame, Measurement
 
 # Size histogram bin edges in pixels, log-spaced: cells range from debris-sized specks to

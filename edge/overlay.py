@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from cellseg.edge.intensity import IntensityMapping, to_uint8
 from cellseg.edge.types import Detections, Frame, Measurement
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from cellseg.edge.engine import RawOutputs
+from cellseg.edge.errors import ConfigError
 from cellseg.edge.model_info import Thresholds
 from cellseg.edge.types import Detections, Letterbox
 
@@ -40,6 +42,16 @@ class PostprocessConfig:
     iou: float = 0.7
     max_det: int = 1000
     mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.conf <= 1.0:
+            raise ConfigError(f"confidence threshold must be in [0, 1], got {self.conf}")
+        if not 0.0 < self.iou <= 1.0:
+            raise ConfigError(f"NMS IoU threshold must be in (0, 1], got {self.iou}")
+        if self.max_det < 1:
+            raise ConfigError(f"max_det must be at least 1, got {self.max_det}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"mask threshold must be in (0, 1), got {self.mask_threshold}")
 
     @classmethod
     def from_thresholds(cls, t: Thresholds) -> PostprocessConfig:

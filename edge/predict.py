@@ -87,6 +87,7 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
     number of images that failed (0: all succeeded)."""
     out = out or sys.stdout
     import cv2
+
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
     from cellseg.edge.overlay import draw_overlay
     from cellseg.edge.postprocess import PostprocessConfig

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from tqdm import tqdm
+
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
@@ -27,7 +29,6 @@ from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Detections, Frame
 from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
 from cellseg.training.yolo_dataset import SPLITS, load_data_yaml, read_label_file
-from tqdm import tqdm
 
 EVAL_CONF = 0.001
 

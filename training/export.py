@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
 from cellseg.edge.errors import DependencyError, ModelError
 from cellseg.edge.imageio import read_image

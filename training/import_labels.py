@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from tqdm import tqdm
+
 from cellseg.edge.errors import DatasetError, ImageReadError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.intensity import IntensityMapping, to_uint8
 from cellseg.training.yolo_dataset import SPLITS, ImportSummary, Instance, YoloSegWriter
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)

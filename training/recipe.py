@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from cellseg.edge.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cellseg.edge.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.training.offline import import_ultralytics_offline
 from cellseg.training.recipe import Recipe

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import yaml
+
 from cellseg.edge.errors import DatasetError
 
 SPLITS = ("train", "val", "test")

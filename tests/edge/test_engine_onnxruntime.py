@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import ModelError, ModelMetadataError
-from onnx import TensorProto, helper
 
 META = {"imgsz": "[64, 64]", "names": "{0: 'cell'}", "stride": "32"}
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cellseg.edge.errors import ConfigError, FrameError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import IntensityMapping, sample_stride, stretch_limits, to_uint8

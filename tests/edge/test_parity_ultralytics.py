@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import to_uint8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cellseg.edge.engine import RawOutputs
 from cellseg.edge.measure import measure
 from cellseg.edge.postprocess import PostprocessConfig, nms, postprocess

@@ -145,3 +145,11 @@ def test_bench_reports_speed_and_stages(capsys: pytest.CaptureFixture[str], ship
     assert report["images_per_s"] > 0
     assert report["ms_per_image"] >= report["stage_ms"]["infer"]
     assert report["cells_per_frame"] > 20
+
+
+@pytest.mark.parametrize(("option", "message"), [("--conf=1.5", "confidence threshold"), ("--max-det=0", "max_det")])
+def test_bad_thresholds_are_refused(
+    capsys: pytest.CaptureFixture[str], shipped_model: Path, option: str, message: str
+) -> None:
+    assert main(["predict", str(shipped_model), str(SAMPLE_FRAMES[0]), option]) == 2
+    assert message in capsys.readouterr().err

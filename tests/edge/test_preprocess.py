@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cellseg.edge.errors import FrameError
 from cellseg.edge.preprocess import PAD_VALUE, Preprocessor, letterbox_geometry
 from cellseg.edge.types import Frame

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cellseg.training.evaluate import EvalReport, evaluate
-from cellseg.training.metrics import Instances
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from cellseg.cli import main
+from cellseg.training.evaluate import EvalReport, evaluate
+from cellseg.training.metrics import Instances
 
 
 @pytest.fixture(scope="module")

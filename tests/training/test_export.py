@@ -7,13 +7,13 @@ from pathlib import Path
 
 import onnx
 import pytest
+
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
 from cellseg.edge.errors import ModelError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Frame
 from cellseg.training.export import export_onnx
-
 from tests.conftest import SAMPLES, SHIPPED_WEIGHTS
 
 pytestmark = pytest.mark.slow

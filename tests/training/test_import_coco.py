@@ -11,13 +11,14 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
+
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import to_uint8
 from cellseg.training.evaluate import ground_truth
 from cellseg.training.import_coco import decode_rle, import_coco
 from cellseg.training.metrics import Instances, mask_iou
-from pycocotools import mask as mask_utils
 
 # (Roboflow split folder, Usiigaci split, set)
 SETS = [("train", "train", "set1"), ("train", "train", "set2"), ("valid", "val", "set46"), ("test", "val", "set47")]

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import to_uint8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cellseg.training.metrics import Accumulator, Instances, box_iou, image_matches, mask_iou
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from cellseg.edge.errors import ConfigError
 from cellseg.training.recipe import bundled_recipes, load_recipe
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from cellseg.training.checkpoint import publish_checkpoint
 
 pytestmark = pytest.mark.slow
