@@ -55,6 +55,8 @@ def area_summary(m: Measurement) -> dict[str, Any]:
         um2 = m.pixel_size_um**2
         out["mean_um2"] = out["mean_px"] * um2
         out["median_um2"] = out["median_px"] * um2
+        # Same bins, edges in µm², so the counts stay comparable between microscopes.
+        out["histogram_um2"] = {"edges": [e * um2 for e in AREA_BIN_EDGES_PX], "counts": counts.tolist()}
     return out
 
 

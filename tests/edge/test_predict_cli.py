@@ -153,3 +153,13 @@ def test_bad_thresholds_are_refused(
 ) -> None:
     assert main(["predict", str(shipped_model), str(SAMPLE_FRAMES[0]), option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_areas_in_square_micrometres(capsys: pytest.CaptureFixture[str], shipped_model: Path) -> None:
+    code, out = _run(capsys, str(shipped_model), str(SAMPLE_FRAMES[0]), "--json", "--pixel-size", "0.87")
+    assert code == 0
+    areas = json.loads(out)["areas"]
+    assert areas["mean_um2"] == pytest.approx(areas["mean_px"] * 0.87**2)
+    assert areas["median_um2"] == pytest.approx(areas["median_px"] * 0.87**2)
+    assert areas["histogram_um2"]["counts"] == areas["histogram_px"]["counts"]
+    assert sum(areas["histogram_px"]["counts"]) == json.loads(out)["count"]
