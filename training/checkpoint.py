@@ -46,7 +46,11 @@ def publish_checkpoint(source: Path, destination: Path) -> dict[str, Any]:
         ckpt.pop(key, None)
     args = _strip_paths(dict(ckpt.get("train_args") or {}))
     ckpt["train_args"] = args
-    # The model object keeps its own copy of the training arguments (a namespace or a dict).
+    # The model object keeps its own copy of the training arguments (a namespace or a dict),
+    # and path attributes of its own (pt_path: where a resumed run loaded it from).
+    for name, value in list(vars(ckpt["model"]).items()):
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            setattr(ckpt["model"], name, Path(value).name)
     model_args = getattr(ckpt["model"], "args", None)
     if isinstance(model_args, dict):
         ckpt["model"].args = _strip_paths(dict(model_args))

@@ -185,10 +185,9 @@ def load_data_yaml(path: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict) or "names" not in data or "train" not in data:
         raise DatasetError(f"{path}: not a YOLO dataset file (needs 'names' and 'train')")
-    base = Path(data.get("path") or path.parent)
-    if not base.is_absolute():
-        base = (path.parent / base).resolve()
-    data["path"] = str(base)
+    # A relative 'path' is relative to the yaml's folder; without one, the folder itself.
+    base = path.parent / data["path"] if data.get("path") else path.parent
+    data["path"] = str(base.resolve())
     names = data["names"]
     data["names"] = list(names.values()) if isinstance(names, dict) else list(names)
     return data

@@ -11,6 +11,7 @@ import pytest
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
 from cellseg.edge.errors import ModelError
 from cellseg.edge.imageio import read_image
+from cellseg.edge.postprocess import PostprocessConfig
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Frame
 from cellseg.training.export import export_onnx
@@ -48,8 +49,9 @@ def test_export_matches_pytorch_and_carries_metadata(
 
     # The fresh export behaves exactly like the shipped one on a real 16-bit frame.
     frame = Frame(read_image(usiigaci / "val/set48/raw.tif"))
+    config = PostprocessConfig(conf=0.3)
     with OnnxRuntimeEngine(out) as fresh, OnnxRuntimeEngine(shipped_model) as shipped:
-        a, b = Predictor(fresh)(frame).measurement, Predictor(shipped)(frame).measurement
+        a, b = Predictor(fresh, config)(frame).measurement, Predictor(shipped, config)(frame).measurement
     assert a.count == b.count and a.confluence_pct == pytest.approx(b.confluence_pct, abs=0.05)
 
 

@@ -101,3 +101,9 @@ def test_existing_dataset_is_not_overwritten_by_accident(usiigaci: Path, tmp_pat
     summary = import_label_images(src, tmp_path / "out", progress=False, overwrite=True)
     assert summary.images == {"train": 1}
     assert summary.to_dict()["instances_per_image"]["max"] == 66
+
+
+def test_dataset_found_from_a_relative_yaml_path(usiigaci_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(usiigaci_dataset.parent)
+    data = load_data_yaml(Path(usiigaci_dataset.name) / "data.yaml")
+    assert Path(data["path"]) == usiigaci_dataset.resolve()
