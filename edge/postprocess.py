@@ -34,6 +34,8 @@ from cellseg.edge.types import Detections, Letterbox
 _CLASS_OFFSET = 8192.0
 # Candidates considered by NMS, highest scores first (bounds the worst case at conf ~ 0).
 MAX_NMS_CANDIDATES = 30000
+# Up to this many candidates NMS builds the full overlap matrix (2048^2 floats = 16 MB).
+_NMS_MATRIX_LIMIT = 2048
 
 
 @dataclass(frozen=True)
@@ -71,21 +73,41 @@ def nms(
         kept, higher-scoring box is strictly greater than ``iou_threshold``.
     """
     order = np.argsort(-scores, kind="stable")
-    x0, y0, x1, y1 = (boxes[:, k].astype(np.float32) for k in range(4))
+    b = boxes[order].astype(np.float32)
+    x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     areas = (x1 - x0) * (y1 - y0)
-    keep: list[int] = []
-    # The candidates still alive, best first; each kept box removes what it suppresses, so the
-    # work shrinks as the loop goes.
-    alive = order
-    while alive.size and len(keep) < max_keep:
-        i, rest = int(alive[0]), alive[1:]
-        keep.append(i)
-        iw = np.clip(np.minimum(x1[rest], x1[i]) - np.maximum(x0[rest], x0[i]), 0, None)
-        ih = np.clip(np.minimum(y1[rest], y1[i]) - np.maximum(y0[rest], y0[i]), 0, None)
+
+    def iou_with(i: int, others: npt.NDArray[np.intp] | slice) -> npt.NDArray[np.float32]:
+        iw = np.clip(np.minimum(x1[others], x1[i]) - np.maximum(x0[others], x0[i]), 0, None)
+        ih = np.clip(np.minimum(y1[others], y1[i]) - np.maximum(y0[others], y0[i]), 0, None)
         inter = iw * ih
-        iou = inter / (areas[rest] + areas[i] - inter + 1e-9)
-        alive = rest[iou <= iou_threshold]
-    return np.asarray(keep, dtype=np.intp)
+        result: npt.NDArray[np.float32] = inter / (areas[others] + areas[i] - inter + 1e-9)
+        return result
+
+    keep: list[int] = []
+    n = len(order)
+    if n <= _NMS_MATRIX_LIMIT:
+        # All pairwise overlaps at once, then one cheap pass in score order.
+        iw = np.clip(np.minimum(x1[:, None], x1) - np.maximum(x0[:, None], x0), 0, None)
+        ih = np.clip(np.minimum(y1[:, None], y1) - np.maximum(y0[:, None], y0), 0, None)
+        inter = iw * ih
+        overlaps = inter / (areas[:, None] + areas - inter + 1e-9) > iou_threshold
+        alive = np.ones(n, dtype=bool)
+        for i in range(n):
+            if alive[i]:
+                keep.append(i)
+                if len(keep) >= max_keep:
+                    break
+                alive[overlaps[i]] = False
+        return order[np.asarray(keep, dtype=np.intp)]
+    # Many candidates (confidence near 0): no n x n matrix; the candidates still alive, best
+    # first, each kept box removing what it suppresses, so the work shrinks as the loop goes.
+    rest = np.arange(n)
+    while rest.size and len(keep) < max_keep:
+        i, rest = int(rest[0]), rest[1:]
+        keep.append(i)
+        rest = rest[iou_with(i, rest) <= iou_threshold]
+    return order[np.asarray(keep, dtype=np.intp)]
 
 
 def upsample_factor(letterbox: Letterbox, stride_x: float, stride_y: float) -> int:
@@ -255,9 +277,6 @@ def postprocess(
     frame_boxes[:, [1, 3]] = np.clip(frame_boxes[:, [1, 3]], 0, lb.frame_height)
 
     resampler = resampler or MaskResampler.build(lb, ph, pw)
-    # (ph, pw, nm): a box's window of prototypes is then one strided view that a single matrix
-    # product reduces with its coefficients.
-    protos_hwc = np.ascontiguousarray(protos.transpose(1, 2, 0))
     # sigmoid(logit) > t  <=>  logit > log(t / (1 - t)): threshold the interpolated logits.
     logit_threshold = math.log(config.mask_threshold / (1.0 - config.mask_threshold))
     masks: list[npt.NDArray[np.bool_]] = []
@@ -271,7 +290,7 @@ def postprocess(
             continue  # a box thinner than a pixel holds no pixel: nothing to measure
         px0, px1, wx = resampler.x.window(c0, c1)
         py0, py1, wy = resampler.y.window(r0, r1)
-        logits = protos_hwc[py0:py1, px0:px1] @ coefs[i]
+        logits = (coefs[i] @ protos[:, py0:py1, px0:px1].reshape(nm, -1)).reshape(py1 - py0, px1 - px0)
         mask = (wy @ logits @ wx.T) > logit_threshold
         if not mask.any():
             continue  # a detection without a single mask pixel is not a cell (ultralytics drops these too)

@@ -107,3 +107,19 @@ def test_max_det_into_the_thousands() -> None:
     det = postprocess(raw, g, PostprocessConfig(conf=0.25, max_det=5000))
     assert len(det) == n
     assert np.all(np.diff(det.scores) <= 0)
+
+
+@pytest.mark.parametrize("max_keep", [10_000, 50])
+def test_both_nms_strategies_keep_the_same_boxes(monkeypatch: pytest.MonkeyPatch, max_keep: int) -> None:
+    """Up to 2048 candidates NMS uses an overlap matrix, beyond that a shrinking loop: same answer."""
+    import cellseg.edge.postprocess as module
+
+    grid = np.stack(np.meshgrid(np.arange(0, 600, 12.0), np.arange(0, 600, 12.0)), -1).reshape(-1, 2)
+    boxes = np.concatenate([grid, grid + 20.0], axis=1).astype(np.float32)  # neighbours overlap by 8/20
+    boxes = np.concatenate([boxes, boxes + 3.0])  # and each has a shifted twin (IoU 0.57)
+    scores = np.linspace(1.0, 0.01, len(boxes), dtype=np.float32)[::-1].copy()
+    matrix = nms(boxes, scores, 0.5, max_keep)
+    monkeypatch.setattr(module, "_NMS_MATRIX_LIMIT", 0)
+    shrinking = nms(boxes, scores, 0.5, max_keep)
+    np.testing.assert_array_equal(matrix, shrinking)
+    assert 0 < len(matrix) < len(boxes)
