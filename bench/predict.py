@@ -60,7 +60,7 @@ def bench_cellseg(model: Path, frames: list[Path], conf: float, runs: int, threa
     return {"rows": rows, "images_per_s": len(rows) / wall, "count": statistics.median(counts)}
 
 
-def bench_ultralytics(model: Path, frames: list[Path], conf: float, runs: int) -> dict[str, Any]:
+def bench_ultralytics(model: Path, frames: list[Path], conf: float, runs: int, retina: bool) -> dict[str, Any]:
     import cv2
 
     sys.path.insert(0, str(REPO))
@@ -72,7 +72,7 @@ def bench_ultralytics(model: Path, frames: list[Path], conf: float, runs: int) -
     yolo = ultralytics.YOLO(str(model), task="segment")
     warm = cv2.cvtColor(to_uint8(read_image(frames[0])), cv2.COLOR_GRAY2BGR)
     for _ in range(2):
-        yolo.predict(warm, conf=conf, iou=0.7, max_det=1000, retina_masks=True, verbose=False)
+        yolo.predict(warm, conf=conf, iou=0.7, max_det=1000, retina_masks=retina, verbose=False)
     rows, counts = [], []
     start = time.perf_counter()
     for _ in range(runs):
@@ -80,7 +80,7 @@ def bench_ultralytics(model: Path, frames: list[Path], conf: float, runs: int) -
             t0 = time.perf_counter()
             image = cv2.cvtColor(to_uint8(read_image(path)), cv2.COLOR_GRAY2BGR)
             decode = (time.perf_counter() - t0) * 1e3
-            result = yolo.predict(image, conf=conf, iou=0.7, max_det=1000, retina_masks=True, verbose=False)[0]
+            result = yolo.predict(image, conf=conf, iou=0.7, max_det=1000, retina_masks=retina, verbose=False)[0]
             speed = result.speed
             rows.append({"decode": decode, "preprocess": speed["preprocess"], "infer": speed["inference"],
                          "postprocess": speed["postprocess"], "measure": 0.0})  # fmt: skip
@@ -106,19 +106,22 @@ def main() -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"model {args.model.name}; {len(frames)} frames x {args.runs} runs; {machine}")
     stages = ("decode", "preprocess", "infer", "postprocess", "measure")
-    header = f"{'pipeline':<12}{'conf':>6}{'cells':>7}" + "".join(f"{s:>12}" for s in stages)
+    header = f"{'pipeline':<14}{'conf':>6}{'cells':>7}" + "".join(f"{s:>12}" for s in stages)
     header += f"{'pre+post':>10}{'% of inf':>10}{'non-inf':>9}{'img/s':>8}"
     print(header)
     print("-" * len(header))
     for conf in args.conf:
         results = {"cellseg": bench_cellseg(args.model, frames, conf, args.runs, args.threads)}
         if not args.no_ultralytics:
-            results["ultralytics"] = bench_ultralytics(args.model, frames, conf, args.runs)
+            # retina: masks at the frame's resolution, the same output as cellseg's; default:
+            # ultralytics' default predict, masks at the 640x640 input resolution only.
+            results["ultra-retina"] = bench_ultralytics(args.model, frames, conf, args.runs, retina=True)
+            results["ultra-default"] = bench_ultralytics(args.model, frames, conf, args.runs, retina=False)
         for name, res in results.items():
             med = {s: _median(res["rows"], s) for s in stages}
             pre_post = med["preprocess"] + med["postprocess"]
             non_inf = med["preprocess"] + med["postprocess"] + med["measure"]
-            cells = f"{name:<12}{conf:>6}{res['count']:>7.0f}" + "".join(f"{med[s]:>12.2f}" for s in stages)
+            cells = f"{name:<14}{conf:>6}{res['count']:>7.0f}" + "".join(f"{med[s]:>12.2f}" for s in stages)
             share = 100 * pre_post / med["infer"]
             print(f"{cells}{pre_post:>10.2f}{share:>9.1f}%{non_inf:>9.2f}{res['images_per_s']:>8.2f}")
     print("times: median ms per frame; pre+post: preprocess + postprocess; non-inf: everything but decode and "
