@@ -229,7 +229,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cellseg.edge.model_info import Thresholds
+    from cellseg.edge.model_info import PostprocessConfig
     from cellseg.training.export import export_onnx
 
     weights, run_dir = args.weights, args.run or args.weights.resolve().parent.parent
@@ -246,7 +246,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         list(args.check_images),
         imgsz=args.imgsz,
         opset=args.opset,
-        thresholds=Thresholds(conf=args.conf, iou=args.iou, max_det=args.max_det),
+        thresholds=PostprocessConfig(conf=args.conf, iou=args.iou, max_det=args.max_det),
         run_dir=run_dir,
     )
     print(f"wrote {report.onnx_path} ({report.size_bytes / 1e6:.1f} MB, sha256 {report.onnx_sha256})")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cellseg.edge.errors import ModelMetadataError
+from cellseg.edge.errors import ConfigError, ModelMetadataError
 from cellseg.edge.intensity import IntensityMapping
 
 CELLSEG_METADATA_KEY = "cellseg"
@@ -20,8 +20,8 @@ METADATA_SCHEMA = 1
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """Postprocess defaults shipped with a model; the config may override them."""
+class PostprocessConfig:
+    """Postprocess thresholds: a model ships its defaults in its metadata; users may override them."""
 
     conf: float = 0.25
     iou: float = 0.7
@@ -29,10 +29,18 @@ class Thresholds:
     mask_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.conf <= 1.0 and 0.0 < self.iou <= 1.0 and 0.0 < self.mask_threshold < 1.0):
-            raise ModelMetadataError(f"thresholds out of range: {self}")
+        if not 0.0 <= self.conf <= 1.0:
+            raise ConfigError(f"confidence threshold must be in [0, 1], got {self.conf}")
+        if not 0.0 < self.iou <= 1.0:
+            raise ConfigError(f"NMS IoU threshold must be in (0, 1], got {self.iou}")
         if self.max_det < 1:
-            raise ModelMetadataError(f"max_det must be >= 1, got {self.max_det}")
+            raise ConfigError(f"max_det must be at least 1, got {self.max_det}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"mask threshold must be in (0, 1), got {self.mask_threshold}")
+
+    def overridden(self, **values: float | int | None) -> PostprocessConfig:
+        """A copy with the given fields replaced; ``None`` keeps this config's value."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class ModelInfo:
     num_masks: int = 32
     stride: int = 32
     mapping: IntensityMapping = field(default_factory=IntensityMapping)
-    thresholds: Thresholds = field(default_factory=Thresholds)
+    thresholds: PostprocessConfig = field(default_factory=PostprocessConfig)
     weights_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -87,15 +95,18 @@ class ModelInfo:
             ) from e
         if isinstance(imgsz, int):
             imgsz = [imgsz, imgsz]
+        try:
+            mapping = IntensityMapping.from_dict(ours.get("intensity_mapping", {}))
+            thresholds = PostprocessConfig(**ours.get("thresholds", {}))
+        except (ConfigError, TypeError) as e:
+            raise ModelMetadataError(f"{source}: invalid cellseg metadata: {e}") from e
         return cls(
             input_width=int(imgsz[1]),
             input_height=int(imgsz[0]),
             class_names=tuple(str(n) for n in names),
             stride=stride,
-            mapping=IntensityMapping.from_dict(ours["intensity_mapping"])
-            if "intensity_mapping" in ours
-            else IntensityMapping(),
-            thresholds=Thresholds(**ours["thresholds"]) if "thresholds" in ours else Thresholds(),
+            mapping=mapping,
+            thresholds=thresholds,
             weights_sha256=str(ours.get("weights_sha256", "")),
             extra={
                 k: v

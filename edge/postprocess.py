@@ -25,8 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cellseg.edge.engine import RawOutputs
-from cellseg.edge.errors import ConfigError
-from cellseg.edge.model_info import Thresholds
+from cellseg.edge.model_info import PostprocessConfig
 from cellseg.edge.types import Detections, Letterbox
 
 # Boxes of different classes are shifted this far apart so one NMS pass never lets a box
@@ -37,27 +36,7 @@ MAX_NMS_CANDIDATES = 30000
 # Up to this many candidates NMS builds the full overlap matrix (2048^2 floats = 16 MB).
 _NMS_MATRIX_LIMIT = 2048
 
-
-@dataclass(frozen=True)
-class PostprocessConfig:
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 1000
-    mask_threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.conf <= 1.0:
-            raise ConfigError(f"confidence threshold must be in [0, 1], got {self.conf}")
-        if not 0.0 < self.iou <= 1.0:
-            raise ConfigError(f"NMS IoU threshold must be in (0, 1], got {self.iou}")
-        if self.max_det < 1:
-            raise ConfigError(f"max_det must be at least 1, got {self.max_det}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise ConfigError(f"mask threshold must be in (0, 1), got {self.mask_threshold}")
-
-    @classmethod
-    def from_thresholds(cls, t: Thresholds) -> PostprocessConfig:
-        return cls(conf=t.conf, iou=t.iou, max_det=t.max_det, mask_threshold=t.mask_threshold)
+__all__ = ["MaskResampler", "PostprocessConfig", "Postprocessor", "nms", "postprocess"]
 
 
 def nms(

@@ -90,19 +90,12 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
 
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
     from cellseg.edge.overlay import draw_overlay
-    from cellseg.edge.postprocess import PostprocessConfig
     from cellseg.edge.predictor import Predictor
 
     engine = OnnxRuntimeEngine(model, threads=options.threads)
     engine.load()
     try:
-        base = PostprocessConfig.from_thresholds(engine.info.thresholds)
-        config = PostprocessConfig(
-            conf=base.conf if options.conf is None else options.conf,
-            iou=base.iou if options.iou is None else options.iou,
-            max_det=base.max_det if options.max_det is None else options.max_det,
-            mask_threshold=base.mask_threshold,
-        )
+        config = engine.info.thresholds.overridden(conf=options.conf, iou=options.iou, max_det=options.max_det)
         predictor = Predictor(engine, config, options.pixel_size_um)
         for folder in (options.overlay_dir, options.labels_dir):
             if folder is not None:

@@ -31,7 +31,7 @@ class Predictor:
         self, engine: Engine, config: PostprocessConfig | None = None, pixel_size_um: float | None = None
     ) -> None:
         self.engine = engine
-        self.config = config or PostprocessConfig.from_thresholds(engine.info.thresholds)
+        self.config = config or engine.info.thresholds
         self.pixel_size_um = pixel_size_um
         self.postprocessor = Postprocessor(self.config)
         self.preprocessor = Preprocessor(engine.info.input_width, engine.info.input_height, engine.info.mapping)

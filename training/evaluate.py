@@ -24,7 +24,6 @@ from tqdm import tqdm
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
-from cellseg.edge.postprocess import PostprocessConfig
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Detections, Frame
 from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
@@ -173,13 +172,7 @@ def evaluate(
     with OnnxRuntimeEngine(model, threads=threads) as engine:
         t = engine.info.thresholds
         op_conf = t.conf if operating_conf is None else operating_conf
-        config = PostprocessConfig(
-            conf=EVAL_CONF,
-            iou=t.iou if iou is None else iou,
-            max_det=t.max_det if max_det is None else max_det,
-            mask_threshold=t.mask_threshold,
-        )
-        predictor = Predictor(engine, config)
+        predictor = Predictor(engine, t.overridden(conf=EVAL_CONF, iou=iou, max_det=max_det))
         n_classes = engine.info.num_classes
         for split in splits:
             if split not in SPLITS:

@@ -22,7 +22,7 @@ from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
 from cellseg.edge.errors import DependencyError, ModelError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.intensity import IntensityMapping
-from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo, Thresholds
+from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo, PostprocessConfig
 from cellseg.edge.preprocess import Preprocessor
 from cellseg.edge.types import Frame
 from cellseg.training.offline import import_ultralytics_offline
@@ -78,7 +78,7 @@ def export_onnx(
     *,
     imgsz: int | None = None,
     opset: int | None = None,
-    thresholds: Thresholds | None = None,
+    thresholds: PostprocessConfig | None = None,
     mapping: IntensityMapping | None = None,
     run_dir: Path | None = None,
 ) -> ExportReport:
@@ -122,7 +122,7 @@ def export_onnx(
             class_names=base.class_names,
             stride=base.stride,
             mapping=mapping or IntensityMapping(),
-            thresholds=thresholds or Thresholds(),
+            thresholds=thresholds or PostprocessConfig(),
             weights_sha256=file_sha256(weights),
             extra={
                 "precision": "fp32",
