@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from cellseg.edge.errors import ConfigError, ModelMetadataError
@@ -38,9 +38,16 @@ class PostprocessConfig:
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"mask threshold must be in (0, 1), got {self.mask_threshold}")
 
-    def overridden(self, **values: float | int | None) -> PostprocessConfig:
-        """A copy with the given fields replaced; ``None`` keeps this config's value."""
-        return replace(self, **{k: v for k, v in values.items() if v is not None})
+    def overridden(
+        self, *, conf: float | None = None, iou: float | None = None, max_det: int | None = None
+    ) -> PostprocessConfig:
+        """A copy with the given thresholds replaced; ``None`` keeps this config's value."""
+        return PostprocessConfig(
+            conf=self.conf if conf is None else conf,
+            iou=self.iou if iou is None else iou,
+            max_det=self.max_det if max_det is None else max_det,
+            mask_threshold=self.mask_threshold,
+        )
 
 
 @dataclass(frozen=True)
