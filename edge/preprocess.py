@@ -7,8 +7,6 @@ with grey 114, split odd padding so the extra pixel goes to the bottom/right.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import numpy.typing as npt
 
@@ -76,9 +74,3 @@ class Preprocessor:
             for dst, src in enumerate((2, 1, 0)):  # BGR -> RGB
                 np.multiply(boxed[:, :, src], scale, out=self._buffer[0, dst], casting="unsafe")
         return self._buffer, geometry
-
-
-def preprocess(frame: Frame, input_width: int, input_height: int, mapping: IntensityMapping | None = None) -> Any:
-    """One-shot form of :class:`Preprocessor` returning a fresh array (tests, tools)."""
-    tensor, geometry = Preprocessor(input_width, input_height, mapping)(frame)
-    return tensor.copy(), geometry

@@ -161,10 +161,7 @@ class Detections:
 
     def union_mask(self) -> npt.NDArray[np.bool_]:
         """``(H, W)`` union of all masks: the covered area, each pixel counted once."""
-        canvas = np.zeros((self.frame_height, self.frame_width), dtype=np.bool_)
-        for m, (x, y) in zip(self.masks, self.mask_origins.tolist(), strict=True):
-            canvas[y : y + m.shape[0], x : x + m.shape[1]] |= m
-        return canvas
+        return union_of_masks(self.masks, self.mask_origins, self.frame_width, self.frame_height)
 
     def label_image(self) -> npt.NDArray[np.uint16]:
         """``(H, W)`` uint16 instance labels, 0 = background, i + 1 = detection i.
@@ -180,6 +177,16 @@ class Detections:
             region = labels[y : y + m.shape[0], x : x + m.shape[1]]
             region[m] = i + 1
         return labels
+
+
+def union_of_masks(
+    masks: Sequence[npt.NDArray[np.bool_]], origins: npt.NDArray[np.integer], width: int, height: int
+) -> npt.NDArray[np.bool_]:
+    """``(height, width)`` union of cropped masks placed at their ``(x, y)`` origins."""
+    canvas = np.zeros((height, width), dtype=np.bool_)
+    for m, (x, y) in zip(masks, origins.tolist(), strict=True):
+        canvas[y : y + m.shape[0], x : x + m.shape[1]] |= m
+    return canvas
 
 
 @dataclass(frozen=True)

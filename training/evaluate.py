@@ -25,7 +25,7 @@ from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import DatasetError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.predictor import Predictor
-from cellseg.edge.types import Detections, Frame
+from cellseg.edge.types import Detections, Frame, union_of_masks
 from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
 from cellseg.training.yolo_dataset import SPLITS, load_data_yaml, read_label_file
 
@@ -127,11 +127,10 @@ def predictions(det: Detections) -> Instances:
 
 
 def union_pct(inst: Instances, width: int, height: int, keep: npt.NDArray[np.bool_] | None = None) -> float:
-    canvas = np.zeros((height, width), dtype=bool)
-    for i, (m, (x, y)) in enumerate(zip(inst.masks, inst.origins.tolist(), strict=True)):
-        if keep is None or keep[i]:
-            canvas[y : y + m.shape[0], x : x + m.shape[1]] |= m
-    return 100.0 * float(canvas.sum()) / (width * height)
+    """Percentage of the image covered by the union of the (kept) instances' masks."""
+    idx = np.arange(len(inst)) if keep is None else np.flatnonzero(keep)
+    covered = union_of_masks([inst.masks[int(i)] for i in idx], inst.origins[idx], width, height)
+    return 100.0 * float(covered.sum()) / (width * height)
 
 
 def split_images(data: dict[str, Any], split: str) -> list[tuple[Path, Path]]:
