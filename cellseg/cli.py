@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in µm²")
     _add_threshold_args(pr)
 
+    vc = sub.add_parser("validate-config", help="check a device configuration file; print each problem's key path")
+    vc.add_argument("config", type=Path)
+
     be = sub.add_parser("bench", help="inference speed of the engine on this machine")
     be.add_argument("images", nargs="*", help="frames, folders or globs (default: the bundled sample frames)")
     be.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
@@ -156,6 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "export": _cmd_export,
         "predict": _cmd_predict,
         "bench": _cmd_bench,
+        "validate-config": _cmd_validate_config,
     }
     return commands[args.command](args)
 
@@ -281,6 +285,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     )
     failures = run_predict(model, inputs, options)
     return 1 if failures else 0
+
+
+def _cmd_validate_config(args: argparse.Namespace) -> int:
+    from cellseg.edge.config import load_config
+
+    config = load_config(args.config)  # a ConfigError lists every problem, one per line
+    print(
+        f"{args.config}: OK (device {config.device_id}, source {config.source.kind}, topics {config.topic_prefix}/...)"
+    )
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
