@@ -198,8 +198,8 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, str(path))
 
 
-def read_secret(secret: Secret) -> str:
-    """The secret's value: the first line of its file or credential. Errors name where, never what."""
+def secret_location(secret: Secret) -> Path:
+    """The file a secret is in (for libraries that want a path, such as a TLS private key)."""
     if secret.credential is not None:
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
@@ -211,6 +211,12 @@ def read_secret(secret: Secret) -> str:
         location = secret.file
     else:  # the model validator rules this out; a hand-built Secret might not
         raise ConfigError("a secret needs a 'file' or a 'credential'")
+    return location
+
+
+def read_secret(secret: Secret) -> str:
+    """The secret's value: the first line of its file or credential. Errors name where, never what."""
+    location = secret_location(secret)
     try:
         value = location.read_text().splitlines()
     except OSError as e:

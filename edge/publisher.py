@@ -1,0 +1,221 @@
+"""MQTT publishing (paho-mqtt 2) of what the device measures, fed by the durable spool.
+
+Contract (topics under ``<prefix>``, JSON payloads carry ``"schema": 1``):
+
+- ``availability``: ``online`` / ``offline``, retained, QoS 1; ``offline`` is also the last will.
+- ``measurement``: one JSON object per measurement, QoS 1, through the spool: it is removed from
+  the spool only on the broker's PUBACK. Messages spooled before the current connection was up
+  are sent with ``"historical": true`` (a backlog replayed after an outage or a restart).
+- ``count``, ``confluence``, ``state``: the latest values, retained, QoS 1, published directly
+  (only the newest matters; every measurement is in ``measurement``).
+
+Connection problems (broker away, wrong password) are logged and retried with backoff by
+paho's network thread; measuring goes on meanwhile and the spool holds the backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cellseg.edge.config import MqttConfig, read_secret, secret_location
+from cellseg.edge.errors import DependencyError
+from cellseg.edge.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = 1
+# A message that stays unacknowledged this long while connected is sent again (QoS 1 allows a
+# duplicate; subscribers recognise it by its sequence number).
+RESEND_AFTER_S = 30.0
+MAX_IN_FLIGHT = 20
+
+
+class MqttPublisher:
+    """Publishes spooled messages and retained state; runs paho's loop and a sender thread.
+
+    Args:
+        config: the ``mqtt`` section.
+        prefix: topic prefix, e.g. ``cellseg/microscope-1``.
+        client_id: MQTT client id.
+        spool: the durable spool the pipeline writes measurements into.
+        on_command: called from paho's thread with (command name, payload bytes) for messages
+            on ``<prefix>/cmd/<name>``.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        prefix: str,
+        client_id: str,
+        spool: Spool,
+        on_command: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        try:
+            import paho.mqtt.client as mqtt
+        except ImportError as e:
+            raise DependencyError("paho-mqtt", "edge", "publishing over MQTT") from e
+        self._mqtt = mqtt
+        self.config = config
+        self.prefix = prefix
+        self.spool = spool
+        self.on_command = on_command
+        self.connected = threading.Event()
+        self.last_error = ""
+        self._connected_at = 0.0
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, tuple[int, float]] = {}  # paho mid -> (spool id, sent at)
+        self._sent_ids: set[int] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
+
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(min_delay=1, max_delay=60)
+        self.client.max_inflight_messages_set(MAX_IN_FLIGHT)
+        self.client.will_set(self.topic("availability"), "offline", qos=1, retain=True)
+        if config.username is not None:
+            password = read_secret(config.password) if config.password is not None else None
+            self.client.username_pw_set(config.username, password)
+        if config.tls is not None:
+            keyfile = str(secret_location(config.tls.key)) if config.tls.key is not None else None
+            self.client.tls_set(
+                ca_certs=str(config.tls.ca_file) if config.tls.ca_file else None,
+                certfile=str(config.tls.cert_file) if config.tls.cert_file else None,
+                keyfile=keyfile,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background and start sending; returns at once."""
+        self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+        self.client.loop_start()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+        self._sender.start()
+
+    def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Send what can be sent within the timeout, publish ``offline`` and disconnect."""
+        deadline = time.monotonic() + flush_timeout_s
+        while self.connected.is_set() and self.spool.depth() and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._sender is not None:
+            self._sender.join(timeout=5)
+        if self.connected.is_set():
+            info = self.client.publish(self.topic("availability"), "offline", qos=1, retain=True)
+            info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # --- publishing ------------------------------------------------------------------------
+    def notify_spooled(self) -> None:
+        """Tell the sender that the spool has something new."""
+        self._wake.set()
+
+    def publish_retained(self, name: str, payload: str | bytes) -> None:
+        """Latest-value topics (count, confluence, state): retained, QoS 1, not spooled."""
+        if self.connected.is_set():
+            self.client.publish(self.topic(name), payload, qos=1, retain=True)
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self.connected.is_set():
+                self._send_pending()
+
+    def _send_pending(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stale = [mid for mid, (_, sent) in self._in_flight.items() if now - sent > RESEND_AFTER_S]
+            for mid in stale:  # lost somewhere: forget it, so it is sent again below
+                spool_id, _ = self._in_flight.pop(mid)
+                self._sent_ids.discard(spool_id)
+            room = MAX_IN_FLIGHT - len(self._in_flight)
+        if room <= 0:
+            return
+        for message in self.spool.oldest(limit=room + len(self._sent_ids)):
+            if room <= 0 or self._stop.is_set() or not self.connected.is_set():
+                break
+            with self._lock:
+                if message.id in self._sent_ids:
+                    continue
+            payload = message.payload
+            if message.created < self._connected_at and message.topic.endswith("/measurement"):
+                payload = _mark_historical(payload)
+            info = self.client.publish(message.topic, payload, qos=1)
+            if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
+                logger.debug("publish of spooled message %d deferred (rc %s)", message.id, info.rc)
+                break
+            with self._lock:
+                self._in_flight[info.mid] = (message.id, time.monotonic())
+                self._sent_ids.add(message.id)
+                # on_publish may already have run for this mid (fast brokers): settle it now.
+                if info.is_published():
+                    self._settle(info.mid)
+            room -= 1
+
+    def _settle(self, mid: int) -> None:
+        entry = self._in_flight.pop(mid, None)
+        if entry is not None:
+            self.spool.ack(entry[0])
+            self._sent_ids.discard(entry[0])
+
+    # --- paho callbacks (paho's network thread) ---------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            # Frigate marks itself connected here; a refused connection is not one.
+            self.last_error = f"broker {self.config.host}:{self.config.port} refused the connection: {reason_code}"
+            logger.error("%s; retrying", self.last_error)
+            return
+        logger.info("connected to %s:%d", self.config.host, self.config.port)
+        self.last_error = ""
+        self._connected_at = time.time()
+        # Messages in flight at the disconnect keep their mids: paho sends them again itself
+        # and on_publish settles them; the sender only adds what was never sent.
+        client.publish(self.topic("availability"), "online", qos=1, retain=True)
+        client.subscribe(self.topic("cmd/+"), qos=1)
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            self.last_error = f"disconnected from {self.config.host}:{self.config.port}: {reason_code}"
+            logger.warning("%s; reconnecting", self.last_error)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        with self._lock:
+            self._settle(mid)
+        self._wake.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        name = message.topic.removeprefix(self.topic("cmd/"))
+        if self.on_command is not None and "/" not in name:
+            self.on_command(name, bytes(message.payload))
+
+
+def _mark_historical(payload: bytes) -> bytes:
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload
+    if isinstance(data, dict):
+        data["historical"] = True
+        return json.dumps(data).encode()
+    return payload
