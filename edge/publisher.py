@@ -70,7 +70,8 @@ class MqttPublisher:
         self._connected_at = 0.0
         self._lock = threading.Lock()
         self._in_flight: dict[int, tuple[int, float]] = {}  # paho mid -> (spool id, sent at)
-        self._sent_ids: set[int] = set()
+        # Spool ids only grow and are sent in order: everything up to here was handed to paho.
+        self._last_sent = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
@@ -140,21 +141,19 @@ class MqttPublisher:
                 self._send_pending()
 
     def _send_pending(self) -> None:
+        """Publish spooled messages newer than the last one sent, up to MAX_IN_FLIGHT unacknowledged."""
         now = time.monotonic()
         with self._lock:
-            stale = [mid for mid, (_, sent) in self._in_flight.items() if now - sent > RESEND_AFTER_S]
-            for mid in stale:  # lost somewhere: forget it, so it is sent again below
-                spool_id, _ = self._in_flight.pop(mid)
-                self._sent_ids.discard(spool_id)
+            stale = [spool_id for spool_id, sent in self._in_flight.values() if now - sent > RESEND_AFTER_S]
+            if stale:  # lost somewhere: send again from the oldest of them (QoS 1 allows duplicates)
+                self._in_flight = {m: e for m, e in self._in_flight.items() if e[0] not in stale}
+                self._last_sent = min(self._last_sent, min(stale) - 1)
             room = MAX_IN_FLIGHT - len(self._in_flight)
         if room <= 0:
             return
-        for message in self.spool.oldest(limit=room + len(self._sent_ids)):
-            if room <= 0 or self._stop.is_set() or not self.connected.is_set():
+        for message in self.spool.oldest(limit=room, after=self._last_sent):
+            if self._stop.is_set() or not self.connected.is_set():
                 break
-            with self._lock:
-                if message.id in self._sent_ids:
-                    continue
             payload = message.payload
             if message.created < self._connected_at and message.topic.endswith("/measurement"):
                 payload = _mark_historical(payload)
@@ -164,17 +163,15 @@ class MqttPublisher:
                 break
             with self._lock:
                 self._in_flight[info.mid] = (message.id, time.monotonic())
-                self._sent_ids.add(message.id)
+                self._last_sent = max(self._last_sent, message.id)
                 # on_publish may already have run for this mid (fast brokers): settle it now.
                 if info.is_published():
                     self._settle(info.mid)
-            room -= 1
 
     def _settle(self, mid: int) -> None:
         entry = self._in_flight.pop(mid, None)
         if entry is not None:
             self.spool.ack(entry[0])
-            self._sent_ids.discard(entry[0])
 
     # --- paho callbacks (paho's network thread) ---------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -194,8 +191,10 @@ class MqttPublisher:
         self._wake.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        if not self._stop.is_set():
+        # After a refused connection paho reports a disconnect too: keep the refusal's reason.
+        if was_connected and not self._stop.is_set():
             self.last_error = f"disconnected from {self.config.host}:{self.config.port}: {reason_code}"
             logger.warning("%s; reconnecting", self.last_error)
 

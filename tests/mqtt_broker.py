@@ -29,7 +29,10 @@ class Broker:
         self.host = "127.0.0.1"
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "persistence false",
+            # Persistence: a restarted broker still has what it acknowledged but had not yet
+            # delivered to a persistent subscriber session (saved on a clean stop).
+            "persistence true",
+            f"persistence_location {workdir}/",
             "user root",  # started as root, mosquitto would switch to 'mosquitto' and lose our files
             "max_queued_messages 100000",
             "log_dest stderr",
