@@ -58,6 +58,7 @@ class MqttPublisher:
     ) -> None:
         try:
             import paho.mqtt.client as mqtt
+            from paho.mqtt.enums import CallbackAPIVersion
         except ImportError as e:
             raise DependencyError("paho-mqtt", "edge", "publishing over MQTT") from e
         self._mqtt = mqtt
@@ -76,7 +77,7 @@ class MqttPublisher:
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
 
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
