@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in µm²")
     _add_threshold_args(pr)
 
+    run = sub.add_parser("run", help="run the device daemon with a configuration file")
+    run.add_argument("--config", type=Path, required=True, help="device configuration (YAML)")
+
+    demo = sub.add_parser("demo", help="the daemon on the sample frames with the shipped model, printing measurements")
+    demo.add_argument("--broker", help="MQTT broker host[:port] (default: localhost:1883 when one answers there)")
+    demo.add_argument("--overlay", type=Path, default=Path("overlays"), help="overlay folder (default: overlays/)")
+    demo.add_argument("--loop", action="store_true", help="repeat the sample frames until interrupted")
+    demo.add_argument("--interval", type=float, default=0.0, help="seconds between measurements")
+
     vc = sub.add_parser("validate-config", help="check a device configuration file; print each problem's key path")
     vc.add_argument("config", type=Path)
 
@@ -160,6 +169,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "predict": _cmd_predict,
         "bench": _cmd_bench,
         "validate-config": _cmd_validate_config,
+        "run": _cmd_run,
+        "demo": _cmd_demo,
     }
     return commands[args.command](args)
 
@@ -285,6 +296,63 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     )
     failures = run_predict(model, inputs, options)
     return 1 if failures else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cellseg.edge.config import load_config
+    from cellseg.edge.daemon import Daemon
+
+    config = load_config(args.config)
+    logging.getLogger().setLevel(config.log_level)
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def _broker_answers(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from cellseg.edge.config import parse_config
+    from cellseg.edge.daemon import Daemon
+
+    host, _, port_text = (args.broker or "localhost:1883").partition(":")
+    port = int(port_text or 1883)
+    use_broker = _broker_answers(host, port)
+    if args.broker and not use_broker:
+        print(f"cellseg demo: no MQTT broker answers at {host}:{port}; printing only", file=sys.stderr)
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    state = Path(tempfile.mkdtemp(prefix="cellseg-demo-"))
+    config = parse_config(
+        {
+            "device_id": "demo",
+            "model": str(default_model()),
+            "state_dir": str(state),
+            "source": {"kind": "images", "images": sorted(str(p) for p in samples.glob("*.png")),
+                       "loop": args.loop, "interval_s": args.interval},
+            "mqtt": {"enabled": use_broker, "host": host, "port": port},
+            "overlay": {"dir": str(args.overlay)},
+        },
+        "demo",
+    )  # fmt: skip
+    where = f"publishing to {host}:{port} under {config.topic_prefix}/" if use_broker else "no MQTT broker found"
+    print(f"cellseg demo: {where}; overlays in {args.overlay}/", file=sys.stderr)
+
+    def echo(record: dict[str, object]) -> None:
+        print(json.dumps({k: record[k] for k in ("seq", "image", "count", "confluence_pct")}), flush=True)
+
+    daemon = Daemon(config, echo=echo)
+    daemon.install_signal_handlers()
+    return daemon.run()
 
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:

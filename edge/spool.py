@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,6 +49,8 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('dropped', 0);
+INSERT OR IGNORE INTO counters VALUES ('seq', 0);
+CREATE TABLE IF NOT EXISTS done (key TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
 
 
@@ -83,6 +86,18 @@ class Spool:
 
     def put(self, topic: str, payload: bytes) -> int:
         """Store a message durably; returns its id (increasing)."""
+        return self.put_measurement(topic, lambda _seq: payload, done_key=None, count_seq=False)[0]
+
+    def put_measurement(
+        self, topic: str, build: Callable[[int], bytes], done_key: str | None = None, count_seq: bool = True
+    ) -> tuple[int, int]:
+        """Store a measurement in one transaction with its sequence number and its input's mark.
+
+        ``build(seq)`` makes the payload for the next sequence number (consecutive across
+        restarts); ``done_key`` (e.g. a watched file's name, size and time) is recorded as
+        processed in the same transaction, so a crash can neither lose the measurement nor
+        measure the file twice. Returns (message id, seq).
+        """
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -98,15 +113,26 @@ class Spool:
                         "DELETE FROM messages WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT ?)", (excess,)
                     )
                     self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,))
+                seq = int(self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()[0])
+                if count_seq:
+                    seq += 1
+                    self._db.execute("UPDATE counters SET value = ? WHERE name = 'seq'", (seq,))
                 cursor = self._db.execute(
-                    "INSERT INTO messages (topic, payload, created) VALUES (?, ?, ?)", (topic, payload, time.time())
+                    "INSERT INTO messages (topic, payload, created) VALUES (?, ?, ?)", (topic, build(seq), time.time())
                 )
+                if done_key is not None:
+                    self._db.execute("INSERT OR REPLACE INTO done (key, seq) VALUES (?, ?)", (done_key, seq))
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise SpoolError(f"{self.path}: cannot store a message: {e}") from e
-            return int(cursor.lastrowid or 0)
+            return int(cursor.lastrowid or 0), seq
+
+    def is_done(self, key: str) -> bool:
+        """Whether an input with this key was measured (see :meth:`put_measurement`)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM done WHERE key = ?", (key,)).fetchone() is not None
 
     def oldest(self, limit: int = 100, after: int = 0) -> list[SpooledMessage]:
         """Up to ``limit`` messages with id > ``after``, oldest first."""

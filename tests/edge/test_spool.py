@@ -96,3 +96,15 @@ def test_a_killed_writer_loses_nothing_it_was_told_was_stored(tmp_path: Path) ->
     # Everything confirmed is there, in order, and at most the one put in flight besides.
     assert stored[: len(confirmed)] == confirmed
     assert len(stored) - len(confirmed) in (0, 1)
+
+
+def test_sequence_numbers_and_done_marks_survive_a_restart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite")
+    results = [spool.put_measurement("t", lambda seq: f"seq {seq}".encode(), done_key=f"file{i}") for i in range(3)]
+    assert [seq for _, seq in results] == [1, 2, 3]
+    spool.close()
+    spool = Spool(tmp_path / "s.sqlite")
+    assert spool.is_done("file1") and not spool.is_done("file9")
+    _, seq = spool.put_measurement("t", lambda seq: f"seq {seq}".encode())
+    assert seq == 4
+    assert [m.payload for m in spool.oldest()] == [b"seq 1", b"seq 2", b"seq 3", b"seq 4"]

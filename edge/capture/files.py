@@ -1,0 +1,138 @@
+"""File sources: a folder that microscope software writes into, a list of images.
+
+A watched folder measures each image exactly once: a file is taken only when it is completely
+written (its size and modification time unchanged over ``settle_s``), and it is skipped when
+the spool already holds its done-mark (name, size and mtime), so a restart neither repeats nor
+misses a file. An unreadable file is reported once and skipped until it changes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from cellseg.edge.capture import SourceFrame
+from cellseg.edge.errors import ImageReadError
+from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
+from cellseg.edge.types import Frame
+
+logger = logging.getLogger(__name__)
+
+
+def file_key(path: Path) -> str:
+    st = path.stat()
+    return f"file:{path.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class ImageListSource:
+    """Images in a given order; with ``loop`` they repeat until stopped."""
+
+    def __init__(self, paths: Sequence[Path], loop: bool = False, name: str = "images") -> None:
+        self.paths = list(paths)
+        self.loop = loop
+        self.name = name
+        self._stop = threading.Event()
+
+    def frames(self) -> Iterator[SourceFrame]:
+        seq = 0
+        while not self._stop.is_set():
+            for path in self.paths:
+                if self._stop.is_set():
+                    return
+                try:
+                    pixels = read_image(path)
+                except ImageReadError as e:
+                    logger.error("skipping %s", e)
+                    continue
+                yield SourceFrame(Frame(pixels, source=str(path), timestamp=time.time(), seq=seq))
+                seq += 1
+            if not self.loop:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class FolderSource:
+    """Watches a folder and yields each new, completely written image once.
+
+    Args:
+        folder: the folder to watch.
+        pattern: file name pattern (``*.tif``).
+        is_done: tells whether a done-key was measured already (the spool's record).
+        settle_s: how long size and mtime must stay unchanged before a file is read.
+        poll_s: how often the folder is listed.
+        loop: demo mode: go over the folder's images again and again, ignoring done-marks.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        pattern: str = "*",
+        is_done: Callable[[str], bool] = lambda key: False,
+        settle_s: float = 1.0,
+        poll_s: float = 0.5,
+        loop: bool = False,
+    ) -> None:
+        self.folder = Path(folder)
+        self.pattern = pattern
+        self.is_done = is_done
+        self.settle_s = settle_s
+        self.poll_s = poll_s
+        self.loop = loop
+        self.name = f"folder:{self.folder}"
+        self._stop = threading.Event()
+        self._failed: set[str] = set()
+
+    def _candidates(self) -> list[Path]:
+        try:
+            entries = list(self.folder.iterdir())
+        except OSError as e:
+            logger.error("cannot list %s: %s; retrying", self.folder, e.strerror)
+            return []
+        return sorted(
+            (p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and fnmatch.fnmatch(p.name, self.pattern)),
+            key=lambda p: p.name,
+        )
+
+    def frames(self) -> Iterator[SourceFrame]:
+        if self.loop:
+            yield from ImageListSource(self._candidates(), loop=True, name=self.name).frames()
+            return
+        seen: dict[Path, tuple[str, float]] = {}  # path -> (key when first seen unchanged, since)
+        seq = 0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for path in self._candidates():
+                try:
+                    key = file_key(path)
+                except OSError:
+                    continue  # vanished between listing and stat
+                if key in self._failed or self.is_done(key):
+                    continue
+                previous = seen.get(path)
+                if previous is None or previous[0] != key:
+                    seen[path] = (key, now)  # new or still being written: wait for it to settle
+                    continue
+                if now - previous[1] < self.settle_s:
+                    continue
+                del seen[path]
+                try:
+                    pixels = read_image(path)
+                except ImageReadError as e:
+                    logger.error("skipping %s (will retry if the file changes)", e)
+                    self._failed.add(key)
+                    continue
+                yield SourceFrame(Frame(pixels, source=str(path), timestamp=time.time(), seq=seq), done_key=key)
+                seq += 1
+                if self._stop.is_set():
+                    return
+            self._stop.wait(self.poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,200 @@
+"""The device daemon: source -> preprocess -> engine -> postprocess -> measure -> spool -> MQTT.
+
+Capture runs in its own thread and hands frames over a small queue (file sources block rather
+than drop); publishing runs in the publisher's threads; the inference loop in between measures
+one frame at a time. Every measurement is written to the durable spool, in one transaction with
+its sequence number and (for watched files) the file's done-mark, before anything is published.
+
+SIGTERM finishes the frame in hand, flushes what the broker will take and exits 0; systemd is
+told READY, STATUS, WATCHDOG and STOPPING (see :mod:`cellseg.edge.sdnotify`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cellseg import __version__
+from cellseg.edge.capture import Source, SourceFrame
+from cellseg.edge.capture.files import FolderSource, ImageListSource
+from cellseg.edge.config import Config
+from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+from cellseg.edge.errors import CellsegError, ConfigError
+from cellseg.edge.measure import measurement_to_dict
+from cellseg.edge.overlay import draw_overlay
+from cellseg.edge.predictor import Predictor
+from cellseg.edge.publisher import SCHEMA, MqttPublisher
+from cellseg.edge.sdnotify import Notifier
+from cellseg.edge.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+_END = object()  # the source is exhausted
+
+
+def make_source(config: Config, is_done: Callable[[str], bool]) -> Source:
+    s = config.source
+    if s.kind == "folder" and s.path is not None:
+        return FolderSource(s.path, pattern=s.pattern, is_done=is_done, loop=s.loop)
+    if s.kind == "images":
+        return ImageListSource(s.images, loop=s.loop)
+    raise ConfigError(f"source kind '{s.kind}' is not supported by this version of the daemon yet")
+
+
+class Daemon:
+    """Runs the pipeline until stopped (or until a finite source is exhausted).
+
+    Args:
+        config: the validated configuration.
+        notifier: systemd notifications (default: from the environment).
+        echo: called with each measurement's JSON object (``cellseg demo`` prints them).
+    """
+
+    def __init__(
+        self, config: Config, notifier: Notifier | None = None, echo: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.echo = echo
+        self.stop_requested = threading.Event()
+        self.started = time.monotonic()
+        self.measured = 0
+        self.last_error = ""
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_requested.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self) -> int:
+        c = self.config
+        if c.engine.backend == "tensorrt":
+            raise ConfigError("engine.backend 'tensorrt' needs the TensorRT backend, which this version lacks")
+        spool = Spool(c.spool.path or c.state_dir / "spool.sqlite", c.spool.max_messages, c.spool.when_full)
+        engine = OnnxRuntimeEngine(c.model, threads=c.engine.threads)
+        engine.load()
+        engine.warmup()
+        logger.info("engine: ONNX Runtime (%s), model %s", engine.precision, c.model)
+        thresholds = engine.info.thresholds.overridden(
+            conf=c.postprocess.conf, iou=c.postprocess.iou, max_det=c.postprocess.max_det
+        )
+        predictor = Predictor(engine, thresholds, c.measurement.pixel_size_um)
+        publisher = None
+        if c.mqtt.enabled:
+            publisher = MqttPublisher(c.mqtt, c.topic_prefix, c.mqtt.client_id or f"cellseg-{c.device_id}", spool)
+            publisher.start()
+        source = make_source(c, spool.is_done)
+        frames: queue.Queue[Any] = queue.Queue(maxsize=2)
+        capture = threading.Thread(target=self._capture, args=(source, frames), name="capture", daemon=True)
+        capture.start()
+        self.notifier.ready(f"measuring from {source.name}")
+        topic = f"{c.topic_prefix}/measurement"
+        next_due = 0.0
+        try:
+            while not self.stop_requested.is_set():
+                self.notifier.watchdog()
+                try:
+                    item = frames.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    break
+                sf: SourceFrame = item
+                wait = next_due - time.monotonic()
+                if wait > 0 and self.stop_requested.wait(wait):
+                    break
+                next_due = time.monotonic() + c.source.interval_s
+                self._measure(
+                    sf, predictor=predictor, spool=spool, publisher=publisher, topic=topic, precision=engine.precision
+                )
+        finally:
+            self.notifier.stopping()
+            source.stop()
+            if publisher is not None:
+                self._publish_state(publisher, spool, engine.precision)
+                publisher.stop()
+            engine.close()
+            spool.close()
+        return 0
+
+    def _capture(self, source: Source, frames: queue.Queue[Any]) -> None:
+        try:
+            for sf in source.frames():
+                while not self.stop_requested.is_set():
+                    try:
+                        frames.put(sf, timeout=0.5)  # blocks: file sources never drop a frame
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop_requested.is_set():
+                    return
+        except Exception as e:  # the daemon must outlive its source; report and end the source
+            self.last_error = f"source {source.name} failed: {e}"
+            logger.exception("%s", self.last_error)
+        frames.put(_END)
+
+    def _measure(
+        self,
+        sf: SourceFrame,
+        *,
+        predictor: Predictor,
+        spool: Spool,
+        publisher: MqttPublisher | None,
+        topic: str,
+        precision: str,
+    ) -> None:
+        try:
+            result = predictor(sf.frame)
+        except CellsegError as e:
+            self.last_error = f"{sf.frame.source}: {e}"
+            logger.error("%s", self.last_error)
+            return
+        record = measurement_to_dict(result.measurement)
+        record.update(schema=SCHEMA, precision=precision)
+
+        def payload(seq: int) -> bytes:
+            record["seq"] = seq
+            return json.dumps(record).encode()
+
+        spool.put_measurement(topic, payload, done_key=sf.done_key)
+        self.measured += 1
+        if publisher is not None:
+            publisher.notify_spooled()
+            publisher.publish_retained("count", str(record["count"]))
+            publisher.publish_retained("confluence", f"{record['confluence_pct']:.4f}")
+            if self.measured % 10 == 1:
+                self._publish_state(publisher, spool, precision)
+        overlay = self.config.overlay
+        if overlay.dir is not None and self.measured % overlay.every_n == 0:
+            import cv2
+
+            overlay.dir.mkdir(parents=True, exist_ok=True)
+            picture = draw_overlay(sf.frame, result.detections, result.measurement, predictor.engine.info.mapping)
+            cv2.imwrite(str(overlay.dir / f"{Path(sf.frame.source).stem}.png"), picture)
+        if self.echo is not None:
+            self.echo(record)
+        self.notifier.status(f"{self.measured} measured; last {record['count']} cells, {record['confluence_pct']:.1f}%")
+
+    def _publish_state(self, publisher: MqttPublisher, spool: Spool, precision: str) -> None:
+        uptime = time.monotonic() - self.started
+        state = {
+            "schema": SCHEMA,
+            "version": __version__,
+            "engine": {"model": str(self.config.model), "precision": precision},
+            "uptime_s": round(uptime, 1),
+            "measured": self.measured,
+            "fps": round(self.measured / uptime, 4) if uptime > 0 else 0.0,
+            "spool_depth": spool.depth(),
+            "spool_dropped": spool.dropped(),
+            "last_error": self.last_error or publisher.last_error,
+        }
+        publisher.publish_retained("state", json.dumps(state))

@@ -1,0 +1,196 @@
+"""The daemon as a lab runs it: `cellseg run` in its own process, a watched folder of real frames,
+a real mosquitto, systemd's notify socket, SIGTERM and SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import SHIPPED_MODEL
+from tests.mqtt_broker import Broker, Subscriber
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/usr/sbin/mosquitto").exists(), reason="mosquitto is not installed"),
+]
+PREFIX = "cellseg/scope-7"
+
+
+@pytest.fixture
+def frames(data_root: Path, tmp_path: Path) -> Path:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for tif in sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif")):
+        shutil.copy(tif, incoming / tif.name)
+    assert len(list(incoming.iterdir())) == 12
+    return incoming
+
+
+class NotifySocket:
+    """systemd's side of the notify protocol: a datagram socket read continuously."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.lines.extend(self.sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    ns = NotifySocket(tmp_path / "notify.sock")
+    yield ns
+    ns.close()
+
+
+def _config(tmp_path: Path, incoming: Path, broker: Broker) -> Path:
+    path = tmp_path / "cellseg.yaml"
+    path.write_text(yaml.safe_dump({
+        "device_id": "scope-7",
+        "model": str(SHIPPED_MODEL),
+        "state_dir": str(tmp_path / "state"),
+        "source": {"kind": "folder", "path": str(incoming), "pattern": "*.tif"},
+        "measurement": {"pixel_size_um": 0.87},
+        "mqtt": {"host": broker.host, "port": broker.port},
+    }))  # fmt: skip
+    return path
+
+
+def _start(config: Path, tmp_path: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="10000000")
+    return subprocess.Popen([sys.executable, "-m", "cellseg", "run", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _seqs(sub: Subscriber) -> list[int]:
+    return [json.loads(p)["seq"] for p in sub.payloads(f"{PREFIX}/measurement")]
+
+
+def test_folder_of_12_frames_measured_published_and_stopped_cleanly(
+    frames: Path, tmp_path: Path, notify: NotifySocket
+) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    try:
+        sub = Subscriber(broker.host, broker.port, f"{PREFIX}/#")
+        proc = _start(_config(tmp_path, frames, broker), tmp_path)
+        try:
+            assert sub.wait_for(lambda: len(_seqs(sub)) == 12, timeout=120), proc.stderr
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        time.sleep(0.5)
+        seen = list(notify.lines)
+        assert _seqs(sub) == list(range(1, 13))  # consecutive, each once
+        records = [json.loads(p) for p in sub.payloads(f"{PREFIX}/measurement")]
+        assert all(r["schema"] == 1 and r["count"] > 0 and 0 < r["confluence_pct"] < 100 for r in records)
+        assert all("mean_um2" in r["areas"] for r in records)
+        assert [Path(r["image"]).name for r in records] == sorted(p.name for p in frames.iterdir())
+        assert sub.payloads(f"{PREFIX}/count")[-1] == str(records[-1]["count"]).encode()
+        assert sub.payloads(f"{PREFIX}/availability")[0] == b"online"
+        assert sub.wait_for(lambda: sub.payloads(f"{PREFIX}/availability")[-1:] == [b"offline"])
+        state = json.loads(sub.payloads(f"{PREFIX}/state")[-1])
+        assert state["measured"] == 12 and state["spool_depth"] == 0
+        assert "READY=1" in seen and "WATCHDOG=1" in seen and "STOPPING=1" in seen
+        sub.close()
+    finally:
+        broker.stop()
+
+
+def test_killed_daemon_replays_its_spool_and_measures_no_file_twice(frames: Path, tmp_path: Path) -> None:
+    broker = Broker(tmp_path)  # not running: everything stays in the spool
+    config = _config(tmp_path, frames, broker)
+    spool_db = tmp_path / "state" / "spool.sqlite"
+
+    def spooled() -> int:
+        if not spool_db.exists():
+            return 0
+        with sqlite3.connect(spool_db) as db:
+            return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+    proc = _start(config, tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and spooled() < 5:
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL mid-run
+    proc.wait(timeout=10)
+    before = spooled()
+    assert before >= 5
+
+    broker.start()
+    try:
+        sub = Subscriber(broker.host, broker.port, f"{PREFIX}/#")
+        proc = _start(config, tmp_path)
+        try:
+            assert sub.wait_for(lambda: sorted(set(_seqs(sub))) == list(range(1, 13)), timeout=120), proc.stderr
+            time.sleep(1.0)  # anything extra would show now
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        records = [json.loads(p) for p in sub.payloads(f"{PREFIX}/measurement")]
+        assert sorted(r["seq"] for r in records) == list(range(1, 13))  # exactly once: no file measured twice
+        assert [Path(r["image"]).name for r in sorted(records, key=lambda r: r["seq"])] == sorted(
+            p.name for p in frames.iterdir()
+        )
+        # What was measured before the kill went out as the backlog.
+        assert all(r.get("historical") for r in records if r["seq"] <= before)
+        sub.close()
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("with_broker", [True, False])
+def test_demo_prints_measurements_and_publishes_when_a_broker_answers(tmp_path: Path, with_broker: bool) -> None:
+    broker = Broker(tmp_path)
+    if with_broker:
+        broker.start()
+    try:
+        sub = Subscriber(broker.host, broker.port, "cellseg/demo/#") if with_broker else None
+        proc = subprocess.run(
+            [sys.executable, "-m", "cellseg", "demo", "--broker", f"{broker.host}:{broker.port}",
+             "--overlay", str(tmp_path / "overlays")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [r["seq"] for r in lines] == [1, 2, 3] and all(r["count"] > 0 for r in lines)
+        assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
+        if sub is not None:
+            assert sub.wait_for(lambda: len(sub.payloads("cellseg/demo/measurement")) == 3)
+            sub.close()
+        else:
+            assert "no MQTT broker answers" in proc.stderr
+    finally:
+        broker.stop()
