@@ -24,6 +24,7 @@ from typing import Any
 from cellseg import __version__
 from cellseg.edge.capture import Source, SourceFrame
 from cellseg.edge.capture.files import FolderSource, ImageListSource
+from cellseg.edge.commands import Command, CommandError, SnapshotRequest, parse_command, reply
 from cellseg.edge.config import Config
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import CellsegError, ConfigError
@@ -67,6 +68,8 @@ class Daemon:
         self.started = time.monotonic()
         self.measured = 0
         self.last_error = ""
+        self._commands: queue.Queue[Command] = queue.Queue(maxsize=100)
+        self._last: tuple[Any, Any, int] | None = None  # (frame, result, seq) of the latest measurement
 
     def request_stop(self, *_: object) -> None:
         self.stop_requested.set()
@@ -91,6 +94,7 @@ class Daemon:
         publisher = None
         if c.mqtt.enabled:
             publisher = MqttPublisher(c.mqtt, c.topic_prefix, c.mqtt.client_id or f"cellseg-{c.device_id}", spool)
+            publisher.on_command = lambda name, payload: self._accept_command(publisher, name, payload)
             publisher.start()
         source = make_source(c, spool.is_done)
         frames: queue.Queue[Any] = queue.Queue(maxsize=2)
@@ -102,6 +106,8 @@ class Daemon:
         try:
             while not self.stop_requested.is_set():
                 self.notifier.watchdog()
+                if publisher is not None:
+                    self._run_commands(publisher, predictor)
                 try:
                     item = frames.get(timeout=1.0)
                 except queue.Empty:
@@ -165,7 +171,7 @@ class Daemon:
             record["seq"] = seq
             return json.dumps(record).encode()
 
-        spool.put_measurement(topic, payload, done_key=sf.done_key)
+        _, seq = spool.put_measurement(topic, payload, done_key=sf.done_key)
         self.measured += 1
         if publisher is not None:
             publisher.notify_spooled()
@@ -180,9 +186,46 @@ class Daemon:
             overlay.dir.mkdir(parents=True, exist_ok=True)
             picture = draw_overlay(sf.frame, result.detections, result.measurement, predictor.engine.info.mapping)
             cv2.imwrite(str(overlay.dir / f"{Path(sf.frame.source).stem}.png"), picture)
+        self._last = (sf.frame, result, seq)
         if self.echo is not None:
             self.echo(record)
         self.notifier.status(f"{self.measured} measured; last {record['count']} cells, {record['confluence_pct']:.1f}%")
+
+    def _accept_command(self, publisher: MqttPublisher, name: str, payload: bytes) -> None:
+        """Paho's thread: validate, answer bad commands at once, queue good ones for the loop."""
+        try:
+            command = parse_command(name, payload)
+            self._commands.put_nowait(command)
+        except CommandError as e:
+            logger.warning("refused command %s: %s", name, e)
+            publisher.publish_reply(name, reply(e.request_id, False, str(e)))
+        except queue.Full:
+            publisher.publish_reply(name, reply(None, False, "too many commands waiting; try again"))
+
+    def _run_commands(self, publisher: MqttPublisher, predictor: Predictor) -> None:
+        """Between frames, so a command never races the measuring."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command.name == "snapshot" and isinstance(command.request, SnapshotRequest):
+                self._snapshot(publisher, predictor, command.request)
+
+    def _snapshot(self, publisher: MqttPublisher, predictor: Predictor, request: SnapshotRequest) -> None:
+        import cv2
+
+        if self._last is None:
+            publisher.publish_reply("snapshot", reply(request.id, False, "no frame measured yet"))
+            return
+        frame, result, seq = self._last
+        picture = draw_overlay(frame, result.detections, result.measurement, predictor.engine.info.mapping)
+        ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, request.quality])
+        if not ok:
+            publisher.publish_reply("snapshot", reply(request.id, False, "JPEG encoding failed"))
+            return
+        publisher.publish_snapshot(jpeg.tobytes())
+        publisher.publish_reply("snapshot", reply(request.id, True, seq=seq, bytes=len(jpeg)))
 
     def _publish_state(self, publisher: MqttPublisher, spool: Spool, precision: str) -> None:
         uptime = time.monotonic() - self.started

@@ -134,6 +134,14 @@ class MqttPublisher:
         if self.connected.is_set():
             self.client.publish(self.topic(name), payload, qos=1, retain=True)
 
+    def publish_reply(self, command: str, payload: bytes) -> None:
+        """A command's answer on ``cmd/<name>/result`` (QoS 1, not retained)."""
+        self.client.publish(self.topic(f"cmd/{command}/result"), payload, qos=1)
+
+    def publish_snapshot(self, jpeg: bytes) -> None:
+        """The overlay picture asked for by a snapshot command (QoS 0, not retained)."""
+        self.client.publish(self.topic("snapshot"), jpeg, qos=0)
+
     def _send_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=1.0)

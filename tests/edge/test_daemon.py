@@ -194,3 +194,58 @@ def test_demo_prints_measurements_and_publishes_when_a_broker_answers(tmp_path: 
             assert "no MQTT broker answers" in proc.stderr
     finally:
         broker.stop()
+
+
+def test_commands_are_validated_and_answered_while_measuring_goes_on(data_root: Path, tmp_path: Path) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    frames = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))[:3]
+    config = tmp_path / "cellseg.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": "scope-7", "model": str(SHIPPED_MODEL), "state_dir": str(tmp_path / "state"),
+        "source": {"kind": "images", "images": [str(p) for p in frames], "loop": True, "interval_s": 0.2},
+        "mqtt": {"host": broker.host, "port": broker.port},
+    }))  # fmt: skip
+    sub = Subscriber(broker.host, broker.port, f"{PREFIX}/#")
+    proc = _start(config, tmp_path)
+    try:
+        assert sub.wait_for(lambda: len(_seqs(sub)) >= 2, timeout=60), proc.stderr
+        cases = {
+            "snapshot": b'{"id": "bad-json", "quality": ',
+            "reboot": b'{"id": "r1"}',
+            "flash": b'{"id": "f1", "url": "file:///x", "sha256": "00"}',
+        }
+        for name, payload in cases.items():
+            sub.client.publish(f"{PREFIX}/cmd/{name}", payload, qos=1)
+        sub.client.publish(f"{PREFIX}/cmd/snapshot", b'{"id": "wrong-type", "quality": "high"}', qos=1)
+        sub.client.publish(f"{PREFIX}/cmd/snapshot", b'{"id": "huge", "pad": "' + b"x" * 70000 + b'"}', qos=1)
+        sub.client.publish(f"{PREFIX}/cmd/snapshot", b"[1, 2]", qos=1)
+        sub.client.publish(f"{PREFIX}/cmd/snapshot", b'{"id": "good", "quality": 70}', qos=1)
+
+        def replies(name: str) -> list[dict[str, object]]:
+            return [json.loads(p) for p in sub.payloads(f"{PREFIX}/cmd/{name}/result")]
+
+        assert sub.wait_for(lambda: len(replies("snapshot")) == 5 and replies("reboot") and replies("flash"), 30)
+        snap = {r["id"]: r for r in replies("snapshot")}
+        errors = [r["error"] for r in replies("snapshot") if not r["ok"]]
+        assert any("not JSON" in str(e) for e in errors)
+        assert any("payload of" in str(e) and "exceeds" in str(e) for e in errors)
+        assert any("must be a JSON object" in str(e) for e in errors)
+        assert "quality" in str(snap["wrong-type"]["error"]) and snap["wrong-type"]["ok"] is False
+        assert snap["good"]["ok"] is True
+        assert "unknown command 'reboot'" in str(replies("reboot")[0]["error"]) and replies("reboot")[0]["id"] == "r1"
+        assert replies("flash")[0]["ok"] is False
+        jpeg = sub.payloads(f"{PREFIX}/snapshot")
+        assert len(jpeg) == 1 and jpeg[0][:2] == b"\xff\xd8"
+        # Measuring went on throughout, with consecutive sequence numbers.
+        count = len(_seqs(sub))
+        assert sub.wait_for(lambda: len(_seqs(sub)) >= count + 2, timeout=30)
+        assert _seqs(sub) == list(range(1, len(_seqs(sub)) + 1))
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+        broker.stop()

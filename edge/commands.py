@@ -1,0 +1,81 @@
+"""Commands received on ``<prefix>/cmd/<name>``: validated before anything is done with them.
+
+Each payload must be a JSON object of at most ``MAX_PAYLOAD`` bytes matching its command's
+schema (unknown keys refused). Every command gets a reply on ``<prefix>/cmd/<name>/result``:
+``{"schema": 1, "id": <the request's id or null>, "ok": true|false, "error": "..."}``. A bad
+command is answered with the reason and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cellseg.edge.errors import CellsegError
+
+MAX_PAYLOAD = 64 * 1024
+
+
+class CommandError(CellsegError):
+    """A command that cannot be accepted; the message is sent back to the requester."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = Field(None, max_length=128, description="echoed in the reply")
+
+
+class SnapshotRequest(_Request):
+    format: Literal["jpeg"] = "jpeg"
+    quality: int = Field(85, ge=10, le=100)
+
+
+SCHEMAS: dict[str, type[_Request]] = {"snapshot": SnapshotRequest}
+# Known to the contract but arriving with later versions; refused with this reason meanwhile.
+NOT_YET = {"flash": "engine flashing is not available in this version", "reload": "reload is not available yet"}
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    request: _Request
+
+
+def parse_command(name: str, payload: bytes) -> Command:
+    """Validate one command; raises CommandError with a reason fit for the reply."""
+    if len(payload) > MAX_PAYLOAD:
+        raise CommandError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+    try:
+        data: Any = json.loads(payload.decode("utf-8")) if payload.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CommandError(f"payload is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CommandError(f"payload must be a JSON object, got {type(data).__name__}")
+    request_id = data.get("id") if isinstance(data.get("id"), str) else None
+    if name in NOT_YET:
+        raise CommandError(NOT_YET[name], request_id)
+    schema = SCHEMAS.get(name)
+    if schema is None:
+        known = ", ".join(sorted([*SCHEMAS, *NOT_YET]))
+        raise CommandError(f"unknown command '{name}' (known: {known})", request_id)
+    try:
+        return Command(name, schema.model_validate(data))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'payload'}: {err['msg']}" for err in e.errors())
+        raise CommandError(problems, request_id) from e
+
+
+def reply(request_id: str | None, ok: bool, error: str = "", **extra: Any) -> bytes:
+    body: dict[str, Any] = {"schema": 1, "id": request_id, "ok": ok}
+    if error:
+        body["error"] = error
+    body.update(extra)
+    return json.dumps(body).encode()
