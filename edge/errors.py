@@ -7,7 +7,10 @@
     ├── DatasetError         a dataset or annotation is malformed (names file and annotation)
     ├── ModelError           a model file is not a usable YOLO-seg export
     │   └── ModelMetadataError   its metadata is missing or inconsistent
-    └── DependencyError      an optional dependency needed for this command is not installed
+    ├── DependencyError      an optional dependency needed for this command is not installed
+    ├── SpoolError           the measurement spool cannot be opened or written   (spool.py)
+    │   └── SpoolFullError       full, and its policy is to stop measuring
+    └── CommandError         an MQTT command was refused; the reason goes back    (commands.py)
 
 Causes are chained with ``raise ... from e`` so the original error stays visible.
 """
