@@ -24,6 +24,7 @@ from typing import Any
 from cellseg import __version__
 from cellseg.edge.capture import Source, SourceFrame
 from cellseg.edge.capture.files import FolderSource, ImageListSource
+from cellseg.edge.capture.video import VideoFileSource, live_source
 from cellseg.edge.commands import Command, CommandError, SnapshotRequest, parse_command, reply
 from cellseg.edge.config import Config
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
@@ -46,7 +47,11 @@ def make_source(config: Config, is_done: Callable[[str], bool]) -> Source:
         return FolderSource(s.path, pattern=s.pattern, is_done=is_done, loop=s.loop)
     if s.kind == "images":
         return ImageListSource(s.images, loop=s.loop)
-    raise ConfigError(f"source kind '{s.kind}' is not supported by this version of the daemon yet")
+    if s.kind == "video" and s.path is not None:
+        return VideoFileSource(s.path, loop=s.loop)
+    if s.kind in ("v4l2", "rtsp", "csi"):
+        return live_source(s.kind, device=s.device, url=s.url, pipeline=s.pipeline, width=s.width, height=s.height)
+    raise ConfigError(f"source kind '{s.kind}' is missing its settings")
 
 
 class Daemon:
