@@ -303,10 +303,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cellseg.edge.daemon import Daemon
 
     config = load_config(args.config)
-    logging.getLogger().setLevel(config.log_level)
-    daemon = Daemon(config)
-    daemon.install_signal_handlers()
-    return daemon.run()
+    while True:
+        logging.getLogger().setLevel(config.log_level)
+        daemon = Daemon(config)
+        daemon.install_signal_handlers()
+        code = daemon.run()
+        if not daemon.reload_requested.is_set():
+            return code
+        try:
+            config = load_config(args.config)
+            logger.warning("configuration reloaded from %s", args.config)
+        except CellsegError as e:  # a broken edit must not take the device down: keep the old one
+            logger.error("reload refused, keeping the running configuration:\n%s", e)
 
 
 def _broker_answers(host: str, port: int) -> bool:

@@ -38,9 +38,13 @@ class SnapshotRequest(_Request):
     quality: int = Field(85, ge=10, le=100)
 
 
-SCHEMAS: dict[str, type[_Request]] = {"snapshot": SnapshotRequest}
-# Known to the contract but arriving with later versions; refused with this reason meanwhile.
-NOT_YET = {"flash": "engine flashing is not available in this version", "reload": "reload is not available yet"}
+class ReloadRequest(_Request):
+    pass
+
+
+SCHEMAS: dict[str, type[_Request]] = {"snapshot": SnapshotRequest, "reload": ReloadRequest}
+# Known to the contract but arriving with a later version; refused with this reason meanwhile.
+NOT_YET = {"flash": "engine flashing is not available in this version"}
 
 
 @dataclass(frozen=True)

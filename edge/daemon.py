@@ -70,6 +70,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.echo = echo
         self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
         self.started = time.monotonic()
         self.measured = 0
         self.last_error = ""
@@ -79,9 +80,15 @@ class Daemon:
     def request_stop(self, *_: object) -> None:
         self.stop_requested.set()
 
+    def request_reload(self, *_: object) -> None:
+        """SIGHUP or the reload command: finish the frame, stop, and let the caller start anew."""
+        self.reload_requested.set()
+        self.stop_requested.set()
+
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
 
     def run(self) -> int:
         c = self.config
@@ -216,6 +223,9 @@ class Daemon:
                 return
             if command.name == "snapshot" and isinstance(command.request, SnapshotRequest):
                 self._snapshot(publisher, predictor, command.request)
+            elif command.name == "reload":
+                publisher.publish_reply("reload", reply(command.request.id, True, note="reloading the configuration"))
+                self.request_reload()
 
     def _snapshot(self, publisher: MqttPublisher, predictor: Predictor, request: SnapshotRequest) -> None:
         import cv2

@@ -249,3 +249,44 @@ def test_commands_are_validated_and_answered_while_measuring_goes_on(data_root: 
             proc.kill()
         sub.close()
         broker.stop()
+
+
+def test_sighup_reloads_the_config_and_a_broken_edit_keeps_the_old_one(data_root: Path, tmp_path: Path) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    frame = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))[0]
+    settings = {
+        "device_id": "scope-7", "model": str(SHIPPED_MODEL), "state_dir": str(tmp_path / "state"),
+        "source": {"kind": "images", "images": [str(frame)], "loop": True, "interval_s": 0.2},
+        "mqtt": {"host": broker.host, "port": broker.port},
+    }  # fmt: skip
+    config = tmp_path / "cellseg.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    sub = Subscriber(broker.host, broker.port, f"{PREFIX}/measurement")
+    proc = _start(config, tmp_path)
+
+    def counts() -> list[int]:
+        return [json.loads(p)["count"] for p in sub.payloads(f"{PREFIX}/measurement")]
+
+    try:
+        assert sub.wait_for(lambda: len(counts()) >= 3, timeout=60), proc.stderr
+        before = counts()[-1]
+        config.write_text(yaml.safe_dump(settings | {"postprocess": {"conf": 0.9}}))
+        proc.send_signal(signal.SIGHUP)
+        assert sub.wait_for(lambda: counts()[-1] < before, timeout=60)
+        after = counts()[-1]
+        config.write_text("device_id: [broken\n")
+        proc.send_signal(signal.SIGHUP)
+        n = len(counts())
+        assert sub.wait_for(lambda: len(counts()) >= n + 5, timeout=60)  # still measuring
+        assert counts()[-1] == after  # with the configuration it had
+        seqs = [json.loads(p)["seq"] for p in sub.payloads(f"{PREFIX}/measurement")]
+        assert seqs == list(range(1, len(seqs) + 1))  # consecutive across both reloads
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "reload refused, keeping the running configuration" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+        broker.stop()
