@@ -182,6 +182,29 @@ class MqttPublisher:
         if entry is not None:
             self.spool.ack(entry[0])
 
+    def discovery_messages(self) -> list[tuple[str, str]]:
+        """Home Assistant MQTT discovery for the count and confluence sensors (retained)."""
+        node = self.prefix.replace("/", "_")
+        device = {"identifiers": [node], "name": f"cellseg {self.prefix.rsplit('/', 1)[-1]}", "manufacturer": "cellseg"}
+        sensors = {
+            "count": {"name": "Cell count", "unit_of_measurement": "cells", "icon": "mdi:counter"},
+            "confluence": {"name": "Confluence", "unit_of_measurement": "%", "icon": "mdi:percent"},
+        }
+        messages = []
+        for key, extra in sensors.items():
+            body = {
+                **extra,
+                "unique_id": f"{node}_{key}",
+                "state_topic": self.topic(key),
+                "state_class": "measurement",
+                "availability_topic": self.topic("availability"),
+                "payload_available": "online",
+                "payload_not_available": "offline",
+                "device": device,
+            }
+            messages.append((f"{self.config.discovery_prefix}/sensor/{node}/{key}/config", json.dumps(body)))
+        return messages
+
     # --- paho callbacks (paho's network thread) ---------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
@@ -195,6 +218,9 @@ class MqttPublisher:
         # Messages in flight at the disconnect keep their mids: paho sends them again itself
         # and on_publish settles them; the sender only adds what was never sent.
         client.publish(self.topic("availability"), "online", qos=1, retain=True)
+        if self.config.homeassistant_discovery:
+            for topic, payload in self.discovery_messages():
+                client.publish(topic, payload, qos=1, retain=True)
         client.subscribe(self.topic("cmd/+"), qos=1)
         self.connected.set()
         self._wake.set()

@@ -136,3 +136,18 @@ def test_wrong_password_is_a_clear_error_and_nothing_is_lost(tmp_path: Path) -> 
         pub.stop(flush_timeout_s=0.1)
     finally:
         broker.stop()
+
+
+def test_home_assistant_discovery(broker: Broker, tmp_path: Path) -> None:
+    sub = Subscriber(broker.host, broker.port, "homeassistant/#")
+    pub = _publisher(broker, Spool(tmp_path / "spool.sqlite"), homeassistant_discovery=True)
+    pub.start()
+    assert pub.connected.wait(10)
+    topic = "homeassistant/sensor/cellseg_test-scope/confluence/config"
+    assert sub.wait_for(lambda: len(sub.payloads(topic)) == 1)
+    body = json.loads(sub.payloads(topic)[0])
+    assert body["state_topic"] == f"{PREFIX}/confluence" and body["unit_of_measurement"] == "%"
+    assert body["availability_topic"] == f"{PREFIX}/availability"
+    assert sub.payloads("homeassistant/sensor/cellseg_test-scope/count/config")
+    pub.stop()
+    sub.close()
