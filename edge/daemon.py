@@ -34,7 +34,7 @@ from cellseg.edge.overlay import draw_overlay
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.publisher import SCHEMA, MqttPublisher
 from cellseg.edge.sdnotify import Notifier
-from cellseg.edge.spool import Spool
+from cellseg.edge.spool import Spool, SpoolFullError
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,10 @@ class Daemon:
             self.last_error = f"{sf.frame.source}: {e}"
             logger.error("%s", self.last_error)
             return
+        except Exception as e:  # one frame that trips a bug must not end months of measuring
+            self.last_error = f"{sf.frame.source}: unexpected {type(e).__name__}: {e}"
+            logger.exception("%s", self.last_error)
+            return
         record = measurement_to_dict(result.measurement)
         record.update(schema=SCHEMA, precision=precision)
 
@@ -183,7 +187,17 @@ class Daemon:
             record["seq"] = seq
             return json.dumps(record).encode()
 
-        _, seq = spool.put_measurement(topic, payload, done_key=sf.done_key)
+        while True:
+            try:
+                _, seq = spool.put_measurement(topic, payload, done_key=sf.done_key)
+                break
+            except SpoolFullError as e:
+                # Policy stop_measuring: hold this measurement until the broker drains the spool.
+                self.last_error = str(e)
+                logger.warning("%s; waiting for the broker to take the backlog", e)
+                self.notifier.watchdog()
+                if self.stop_requested.wait(1.0):
+                    return
         self.measured += 1
         if publisher is not None:
             publisher.notify_spooled()
