@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cellseg.edge.errors import ConfigError
+from cellseg.edge.errors import CellsegError, ConfigError
 
 
 class _Section(BaseModel):
@@ -184,18 +184,22 @@ def parse_config(data: Any, source: str = "config") -> Config:
         raise ConfigError("\n".join(format_errors(e, source))) from e
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file."""
+def read_yaml(path: str | Path, error: type[CellsegError] = ConfigError) -> Any:
+    """Parse a YAML file; an unreadable or malformed file raises ``error`` naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+        raise error(f"{path}: cannot read: {e.strerror}") from e
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_config(data, str(path))
+        raise error(f"{path}: not valid YAML: {e}") from e
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    return parse_config(read_yaml(path), str(path))
 
 
 def secret_location(secret: Secret) -> Path:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cellseg.edge.config import format_errors, read_yaml
 from cellseg.edge.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -81,10 +82,7 @@ def load_recipe(path: Path | None = None, overrides: list[str] | None = None) ->
             path = RECIPES_DIR / path.name
         if not path.is_file():
             raise ConfigError(f"{path}: no such recipe file (bundled recipes: {bundled_recipes()})")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of field: value")
         data.update(loaded or {})
@@ -96,16 +94,7 @@ def load_recipe(path: Path | None = None, overrides: list[str] | None = None) ->
     try:
         return Recipe(**data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path) if path else "recipe")) from e
-
-
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem, each starting with the key path (``a.b.c``)."""
-    lines = [f"{source}: {error.error_count()} problem(s):"]
-    for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
+        raise ConfigError("\n".join(format_errors(e, str(path) if path else "recipe"))) from e
 
 
 def bundled_recipes() -> list[str]:

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import yaml
 
+from cellseg.edge.config import read_yaml
 from cellseg.edge.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -179,10 +180,7 @@ def load_data_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such dataset file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise DatasetError(f"{path}: not valid YAML: {e}") from e
+    data = read_yaml(path, DatasetError)
     if not isinstance(data, dict) or "names" not in data or "train" not in data:
         raise DatasetError(f"{path}: not a YOLO dataset file (needs 'names' and 'train')")
     # A relative 'path' is relative to the yaml's folder; without one, the folder itself.
