@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from cellseg.edge.errors import CellsegError, ImageReadError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
-from cellseg.edge.measure import area_summary, measurement_to_dict
+from cellseg.edge.measure import measurement_to_dict
 from cellseg.edge.types import Frame
 
 logger = logging.getLogger(__name__)
@@ -172,5 +172,3 @@ def _error_line(out: IO[str], fmt: str, image: str, reason: str) -> None:
     # CSV keeps its rows uniform; the error went to the log (stderr).
     out.flush()
 
-
-__all__ = ["PredictOptions", "area_summary", "expand_inputs", "run_predict"]
