@@ -13,6 +13,22 @@ from pathlib import Path
 from typing import Any
 
 
+def make_certificates(workdir: Path) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    ca_key, ca, key, csr, cert = (workdir / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    ext = workdir / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=cellseg test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+         "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    return ca, cert, key
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -22,7 +38,7 @@ def free_port() -> int:
 class Broker:
     """mosquitto on 127.0.0.1:<port>, with an optional password file; stop/start keep the port."""
 
-    def __init__(self, workdir: Path, passwords: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, passwords: dict[str, str] | None = None, tls: bool = False) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.workdir = workdir
         self.port = free_port()
@@ -37,6 +53,10 @@ class Broker:
             "max_queued_messages 100000",
             "log_dest stderr",
         ]
+        self.ca_file: Path | None = None
+        if tls:
+            self.ca_file, cert, key = make_certificates(workdir)
+            lines += [f"cafile {self.ca_file}", f"certfile {cert}", f"keyfile {key}"]
         if passwords:
             pwfile = workdir / "passwd"
             pwfile.touch()
@@ -75,6 +95,9 @@ class Subscriber:
     port: int
     topic: str
     messages: list[Any] = field(default_factory=list)
+    ca_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
 
     def __post_init__(self) -> None:
         import paho.mqtt.client as mqtt
@@ -85,6 +108,10 @@ class Subscriber:
                                   clean_session=False)  # fmt: skip
         self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(self.topic, qos=1), self._ready.set())
         self.client.on_message = self._record
+        if self.ca_file is not None:
+            self.client.tls_set(ca_certs=str(self.ca_file))
+        if self.username is not None:
+            self.client.username_pw_set(self.username, self.password)
         self.client.connect(self.host, self.port)
         self.client.loop_start()
         if not self._ready.wait(10):

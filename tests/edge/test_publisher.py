@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cellseg.edge.config import MqttConfig, Secret
+from cellseg.edge.config import MqttConfig, Secret, TlsConfig
 from cellseg.edge.publisher import MqttPublisher
 from cellseg.edge.spool import Spool
 from tests.mqtt_broker import Broker, Subscriber
@@ -151,3 +152,27 @@ def test_home_assistant_discovery(broker: Broker, tmp_path: Path) -> None:
     assert sub.payloads("homeassistant/sensor/cellseg_test-scope/count/config")
     pub.stop()
     sub.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_with_username_and_password_from_a_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = Broker(tmp_path, passwords={"cellseg": "s3cret"}, tls=True)
+    broker.start()
+    try:
+        creds = tmp_path / "creds"
+        creds.mkdir()
+        (creds / "mqtt-password").write_text("s3cret\n")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+        sub = Subscriber(broker.host, broker.port, MEASUREMENT, ca_file=broker.ca_file, username="cellseg",
+                         password="s3cret")  # fmt: skip
+        spool = Spool(tmp_path / "spool.sqlite")
+        pub = _publisher(broker, spool, username="cellseg", password=Secret(credential="mqtt-password"),
+                         tls=TlsConfig(ca_file=broker.ca_file))  # fmt: skip
+        pub.start()
+        assert pub.connected.wait(15), pub.last_error
+        _measure(spool, pub, 0)
+        assert sub.wait_for(lambda: _seqs(sub) == [0])
+        pub.stop()
+        sub.close()
+    finally:
+        broker.stop()
