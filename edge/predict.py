@@ -171,4 +171,3 @@ def _error_line(out: IO[str], fmt: str, image: str, reason: str) -> None:
         out.write(f"{image}: ERROR {reason}\n")
     # CSV keeps its rows uniform; the error went to the log (stderr).
     out.flush()
-
