@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -30,9 +31,23 @@ def make_certificates(workdir: Path) -> tuple[Path, Path, Path]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range.
+
+    Some tests choose the broker's port first and start it seconds later while a client keeps
+    trying to connect; a port from the ephemeral range could meanwhile become the local end of
+    one of those very connections (or any other), and the broker could not bind it.
+    """
+    low, _high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class Broker:
@@ -74,6 +89,9 @@ class Broker:
                                      stderr=(self.workdir / "mosquitto.log").open("ab"))  # fmt: skip
         deadline = time.time() + 10
         while time.time() < deadline:
+            if self.proc.poll() is not None:
+                log = (self.workdir / "mosquitto.log").read_text()[-2000:]
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {log}")
             with socket.socket() as s:
                 if s.connect_ex((self.host, self.port)) == 0:
                     return
