@@ -167,8 +167,10 @@ class MqttPublisher:
             if message.created < self._connected_at and message.topic.endswith("/measurement"):
                 payload = _mark_historical(payload)
             info = self.client.publish(message.topic, payload, qos=1)
-            if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
-                logger.debug("publish of spooled message %d deferred (rc %s)", message.id, info.rc)
+            # MQTT_ERR_NO_CONN: the connection dropped just now; paho keeps a QoS 1 message and
+            # sends it after reconnecting, so it is in flight like the others.
+            if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+                logger.warning("publish of spooled message %d failed (rc %s); will retry", message.id, info.rc)
                 break
             with self._lock:
                 self._in_flight[info.mid] = (message.id, time.monotonic())
@@ -176,6 +178,8 @@ class MqttPublisher:
                 # on_publish may already have run for this mid (fast brokers): settle it now.
                 if info.is_published():
                     self._settle(info.mid)
+            if info.rc == self._mqtt.MQTT_ERR_NO_CONN:
+                break
 
     def _settle(self, mid: int) -> None:
         entry = self._in_flight.pop(mid, None)
