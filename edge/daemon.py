@@ -120,22 +120,28 @@ class Daemon:
                 self.notifier.watchdog()
                 if publisher is not None:
                     self._run_commands(publisher, predictor)
+                # Wait for the interval before taking a frame, so a live source's is fresh, and in
+                # short slices, so the watchdog keeps hearing from us.
+                wait = next_due - time.monotonic()
+                if wait > 0:
+                    self.stop_requested.wait(min(wait, self.notifier.ping_interval_s))
+                    continue
                 try:
-                    item = frames.get(timeout=1.0)
+                    item = frames.get(timeout=self.notifier.ping_interval_s)
                 except queue.Empty:
                     continue
                 if item is _END:
                     break
                 sf: SourceFrame = item
-                wait = next_due - time.monotonic()
-                if wait > 0 and self.stop_requested.wait(wait):
-                    break
                 next_due = time.monotonic() + c.source.interval_s
                 self._measure(
                     sf, predictor=predictor, spool=spool, publisher=publisher, topic=topic, precision=engine.precision
                 )
         finally:
-            self.notifier.stopping()
+            if self.reload_requested.is_set():
+                self.notifier.send("RELOADING=1")  # READY=1 follows when the new config runs
+            else:
+                self.notifier.stopping()
             source.stop()
             if publisher is not None:
                 self._publish_state(publisher, spool, engine.precision)

@@ -21,6 +21,11 @@ class Notifier:
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() else None
         self._last_ping = -1e9
 
+    @property
+    def ping_interval_s(self) -> float:
+        """How often a loop should come round to ping: a quarter of the watchdog period, at most 1 s."""
+        return min(1.0, self.watchdog_s / 4) if self.watchdog_s else 1.0
+
     def send(self, *fields: str) -> None:
         if not self.address:
             return

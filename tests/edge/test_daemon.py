@@ -290,3 +290,30 @@ def test_sighup_reloads_the_config_and_a_broken_edit_keeps_the_old_one(data_root
             proc.kill()
         sub.close()
         broker.stop()
+
+
+def test_a_long_interval_keeps_the_watchdog_fed(data_root: Path, tmp_path: Path, notify: NotifySocket) -> None:
+    """One measurement every 30 s under WatchdogSec=2 s: the pings must continue in between."""
+    frame = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))[0]
+    config = tmp_path / "cellseg.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": "scope-7", "model": str(SHIPPED_MODEL), "state_dir": str(tmp_path / "state"),
+        "source": {"kind": "images", "images": [str(frame)], "loop": True, "interval_s": 30},
+        "mqtt": {"enabled": False},
+    }))  # fmt: skip
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="2000000")
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg", "run", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and "READY=1" not in notify.lines:
+            time.sleep(0.1)
+        start = len(notify.lines)
+        time.sleep(6)
+        pings = notify.lines[start:].count("WATCHDOG=1")
+        assert pings >= 6, f"{pings} watchdog pings in 6 s with a 2 s watchdog"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
