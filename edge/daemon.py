@@ -11,6 +11,7 @@ told READY, STATUS, WATCHDOG and STOPPING (see :mod:`cellseg.edge.sdnotify`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -151,8 +152,13 @@ class Daemon:
         return 0
 
     def _capture(self, source: Source, frames: queue.Queue[Any]) -> None:
+        live = getattr(source, "live", False)
         try:
             for sf in source.frames():
+                if live:
+                    # Live sources keep only the freshest frame: replace what waits in the queue.
+                    with contextlib.suppress(queue.Empty):
+                        frames.get_nowait()
                 while not self.stop_requested.is_set():
                     try:
                         frames.put(sf, timeout=0.5)  # blocks: file sources never drop a frame

@@ -79,6 +79,8 @@ class VideoFileSource:
 class LiveSource:
     """A camera or stream that keeps only its freshest frame, reconnecting with backoff.
 
+    ``live = True`` tells the daemon to replace, not queue, frames it has not taken yet.
+
     Args:
         target: what ``cv2.VideoCapture`` opens: a device path or index, an RTSP URL, or a
             GStreamer pipeline (with ``gstreamer=True``).
@@ -90,6 +92,7 @@ class LiveSource:
         self.name = name
         self.gstreamer = gstreamer
         self.max_backoff_s = max_backoff_s
+        self.live = True
         self.last_error = ""
         self._stop = threading.Event()
         self._fresh = threading.Condition()
