@@ -135,8 +135,13 @@ def test_killed_daemon_replays_its_spool_and_measures_no_file_twice(frames: Path
     def spooled() -> int:
         if not spool_db.exists():
             return 0
-        with sqlite3.connect(spool_db) as db:
+        db = sqlite3.connect(f"file:{spool_db}?mode=ro", uri=True)
+        try:
             return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        except sqlite3.OperationalError:  # the daemon created the file but not yet its tables
+            return 0
+        finally:
+            db.close()
 
     proc = _start(config, tmp_path)
     deadline = time.time() + 120
