@@ -167,10 +167,9 @@ class MqttPublisher:
             if message.created < self._connected_at and message.topic.endswith("/measurement"):
                 payload = _mark_historical(payload)
             info = self.client.publish(message.topic, payload, qos=1)
-            # MQTT_ERR_NO_CONN: the connection dropped just now; paho keeps a QoS 1 message and
-            # sends it after reconnecting, so it is in flight like the others.
-            if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
-                logger.warning("publish of spooled message %d failed (rc %s); will retry", message.id, info.rc)
+            if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
+                # The connection dropped just now: everything unacknowledged goes again on reconnect.
+                logger.debug("publish of spooled message %d deferred (rc %s)", message.id, info.rc)
                 break
             with self._lock:
                 self._in_flight[info.mid] = (message.id, time.monotonic())
@@ -178,8 +177,6 @@ class MqttPublisher:
                 # on_publish may already have run for this mid (fast brokers): settle it now.
                 if info.is_published():
                     self._settle(info.mid)
-            if info.rc == self._mqtt.MQTT_ERR_NO_CONN:
-                break
 
     def _settle(self, mid: int) -> None:
         entry = self._in_flight.pop(mid, None)
@@ -219,8 +216,12 @@ class MqttPublisher:
         logger.info("connected to %s:%d", self.config.host, self.config.port)
         self.last_error = ""
         self._connected_at = time.time()
-        # Messages in flight at the disconnect keep their mids: paho sends them again itself
-        # and on_publish settles them; the sender only adds what was never sent.
+        # The spool is the truth: whatever was in flight when the connection dropped is sent
+        # again from it. (paho may re-send its own copies too; a duplicate is allowed at QoS 1
+        # and recognisable by its sequence number, a message stuck unacknowledged is not.)
+        with self._lock:
+            self._in_flight.clear()
+            self._last_sent = 0
         client.publish(self.topic("availability"), "online", qos=1, retain=True)
         if self.config.homeassistant_discovery:
             for topic, payload in self.discovery_messages():
