@@ -28,7 +28,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "cellseg-usiigaci-yolo11n-seg.onnx"
+sys.path.insert(0, str(REPO))
+from cellseg.cli import default_model  # noqa: E402  (after the BLAS setting above)
+
+DEFAULT_MODEL = default_model()
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -63,7 +66,6 @@ def bench_cellseg(model: Path, frames: list[Path], conf: float, runs: int, threa
 def bench_ultralytics(model: Path, frames: list[Path], conf: float, runs: int, retina: bool) -> dict[str, Any]:
     import cv2
 
-    sys.path.insert(0, str(REPO))
     from cellseg.edge.imageio import read_image
     from cellseg.edge.intensity import to_uint8
     from cellseg.training.offline import import_ultralytics_offline

@@ -17,6 +17,9 @@ from cellseg.edge.errors import CellsegError
 logger = logging.getLogger("cellseg")
 
 SHIPPED_MODEL_NAME = "cellseg-usiigaci-yolo11n-seg.onnx"
+# The checkout the package was installed from: models/ and samples/ live there.
+_REPO = Path(__file__).resolve().parent.parent
+SAMPLES_DIR = _REPO / "samples"
 
 
 def default_model() -> Path:
@@ -24,7 +27,7 @@ def default_model() -> Path:
     env = os.environ.get("CELLSEG_MODEL")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "models" / SHIPPED_MODEL_NAME
+    return _REPO / "models" / SHIPPED_MODEL_NAME
 
 
 def _add_threshold_args(p: argparse.ArgumentParser) -> None:
@@ -338,7 +341,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     use_broker = _broker_answers(host, port)
     if args.broker and not use_broker:
         print(f"cellseg demo: no MQTT broker answers at {host}:{port}; printing only", file=sys.stderr)
-    samples = Path(__file__).resolve().parent.parent / "samples"
+    samples = SAMPLES_DIR
     state = Path(tempfile.mkdtemp(prefix="cellseg-demo-"))
     config = parse_config(
         {
@@ -378,7 +381,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
     from cellseg.edge.predict import expand_inputs
 
-    samples = Path(__file__).resolve().parent.parent / "samples"
+    samples = SAMPLES_DIR
     images = list(expand_inputs(args.images or [str(samples)]))
     if not images:
         print("cellseg bench: error: no images found", file=sys.stderr)
