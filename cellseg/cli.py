@@ -126,6 +126,42 @@ def build_parser() -> argparse.ArgumentParser:
     vc = sub.add_parser("validate-config", help="check a device configuration file; print each problem's key path")
     vc.add_argument("config", type=Path)
 
+    qz = sub.add_parser("quantize", help="INT8 Q/DQ ONNX from calibration images, checked by the accuracy gate")
+    qz.add_argument("model", type=Path, help="the FP32 ONNX model (from cellseg export)")
+    qz.add_argument("-o", "--output", type=Path, required=True, help="INT8 ONNX file to write")
+    qz.add_argument("--data", type=Path, required=True, help="dataset data.yaml (calibrate on train)")
+    qz.add_argument("--calibration-images", type=int, default=20, help="images taken from the train split")
+    qz.add_argument("--gate-split", default="val", choices=["val", "test"], help="held-out images for the gate")
+    qz.add_argument("--max-map-loss", type=float, default=1.0, help="most mask mAP50-95 points the gate allows lost")
+    qz.add_argument("--max-count-loss", type=float, default=2.0, help="most count-error %% points allowed lost")
+    qz.add_argument("--max-confluence-loss", type=float, default=1.0, help="most confluence-error pp allowed lost")
+    qz.add_argument(
+        "--head", choices=["float", "quantize"], default="float", help="keep the Segment head's decode in float"
+    )
+    qz.add_argument("--threads", type=int)
+    qz.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    kg = sub.add_parser("keygen", help="an Ed25519 key pair for signing bundles: PREFIX.key and PREFIX.pub")
+    kg.add_argument("prefix", type=Path)
+    kg.add_argument("--overwrite", action="store_true")
+
+    bu = sub.add_parser("bundle", help="a signed bundle: engine or ONNX model, manifest, reference frame")
+    bu.add_argument("model", type=Path, help="the ONNX model (FP32, or INT8 from cellseg quantize)")
+    bu.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write (.cellseg)")
+    bu.add_argument("--key", type=Path, required=True, help="the signing private key (from cellseg keygen)")
+    bu.add_argument("--engine", type=Path, help="a TensorRT plan built from MODEL (default: bundle the ONNX)")
+    bu.add_argument("--gate-report", type=Path, help="gate report (INT8; default MODEL.gate.json)")
+    bu.add_argument("--reference", type=Path, help="reference frame for the self-test (default: the first sample)")
+    bu.add_argument("--name", help="bundle name (default: the output file's stem)")
+
+    fl = sub.add_parser("flash", help="verify a bundle and make it this device's engine (a running daemon swaps to it)")
+    fl.add_argument("bundle", help="bundle file, or an http(s):// or file:// URL")
+    fl.add_argument("--sha256", help="expected sha256 of the bundle file (required for URLs)")
+    fl.add_argument("--config", type=Path, required=True, help="device configuration (state_dir, trusted keys)")
+
+    rb = sub.add_parser("rollback", help="make the previously active engine active again")
+    rb.add_argument("--config", type=Path, required=True, help="device configuration (state_dir)")
+
     be = sub.add_parser("bench", help="inference speed of the engine on this machine")
     be.add_argument("images", nargs="*", help="frames, folders or globs (default: the bundled sample frames)")
     be.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
@@ -174,6 +210,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         "validate-config": _cmd_validate_config,
         "run": _cmd_run,
         "demo": _cmd_demo,
+        "quantize": _cmd_quantize,
+        "keygen": _cmd_keygen,
+        "bundle": _cmd_bundle,
+        "flash": _cmd_flash,
+        "rollback": _cmd_rollback,
     }
     return commands[args.command](args)
 
@@ -373,6 +414,99 @@ def _cmd_validate_config(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: OK (device {config.device_id}, source {config.source.kind}, topics {config.topic_prefix}/...)"
     )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from cellseg.build.gate import Tolerance, run_gate, write_report
+    from cellseg.build.quantize import choose_calibration_images, quantize
+    from cellseg.training.yolo_dataset import load_data_yaml
+
+    tolerance = Tolerance(args.max_map_loss, args.max_count_loss, args.max_confluence_loss)
+    data = load_data_yaml(args.data)
+    if not data.get("train"):
+        print(f"cellseg quantize: error: {args.data} has no train split to calibrate on", file=sys.stderr)
+        return 2
+    calibration = choose_calibration_images(Path(data["path"]) / data["train"], args.calibration_images)
+    print(f"calibrating on {len(calibration.images)} train images (set sha256 {calibration.sha256[:16]}...)")
+    result = quantize(args.model, args.output, calibration, head=args.head, progress=not args.quiet)
+    print(f"wrote {result.output} ({result.quantized_nodes} quantised tensors, {result.float_nodes} nodes in float)")
+    report = run_gate(
+        args.model,
+        args.output,
+        args.data,
+        split=args.gate_split,
+        tolerance=tolerance,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    gate_path = args.output.with_suffix(".gate.json")
+    write_report(report, gate_path)
+    print(report.format())
+    print(f"gate report: {gate_path}")
+    return 0 if report.passed else 3
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from cellseg.build.bundle import generate_keypair
+
+    private, public = generate_keypair(args.prefix, overwrite=args.overwrite)
+    print(f"wrote {private} (keep it secret: it signs engines) and {public} (install it on devices)")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from cellseg.build.bundle import EngineBuildInfo, make_bundle
+    from cellseg.build.gate import read_report
+
+    gate_path = args.gate_report or args.model.with_suffix(".gate.json")
+    gate = read_report(gate_path) if gate_path.is_file() else None
+    if args.gate_report and gate is None:
+        print(f"cellseg bundle: error: {args.gate_report} does not exist", file=sys.stderr)
+        return 2
+    reference = args.reference or sorted(SAMPLES_DIR.glob("*.png"))[0]
+    engine_info = EngineBuildInfo.read(args.engine.with_suffix(".json")) if args.engine else None
+    manifest = make_bundle(
+        args.model,
+        args.output,
+        args.key,
+        reference,
+        name=args.name,
+        engine=args.engine,
+        engine_info=engine_info,
+        gate_report=gate,
+    )
+    e = manifest.engine
+    print(
+        f"wrote {args.output}: {e.kind} {e.precision}, signed by key {manifest.signing_key}; "
+        f"self-test expects {manifest.reference.count} cells on {reference.name}"
+    )
+    return 0
+
+
+def _cmd_flash(args: argparse.Namespace) -> int:
+    from cellseg.edge.config import load_config
+    from cellseg.edge.flash import flash_file, flash_url, settings_for, store_for
+
+    config = load_config(args.config)
+    store, settings = store_for(config.state_dir), settings_for(config)
+    if "://" in args.bundle:
+        if not args.sha256:
+            print("cellseg flash: error: a URL needs --sha256", file=sys.stderr)
+            return 2
+        result = flash_url(args.bundle, args.sha256, store, settings)
+    else:
+        result = flash_file(Path(args.bundle), store, settings)
+    print(f"active engine: slot {result.slot.name} ({result.manifest.name}); self-test {json.dumps(result.self_test)}")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from cellseg.edge.config import load_config
+    from cellseg.edge.flash import store_for
+
+    slot = store_for(load_config(args.config).state_dir).rollback()
+    print(f"active engine: slot {slot.name}")
     return 0
 
 

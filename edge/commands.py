@@ -42,9 +42,14 @@ class ReloadRequest(_Request):
     pass
 
 
-SCHEMAS: dict[str, type[_Request]] = {"snapshot": SnapshotRequest, "reload": ReloadRequest}
-# Known to the contract but arriving with a later version; refused with this reason meanwhile.
-NOT_YET = {"flash": "engine flashing is not available in this version"}
+class FlashRequest(_Request):
+    url: str = Field(..., min_length=1, max_length=4096, description="http(s):// or file:// URL of the bundle")
+    sha256: str = Field(..., pattern=r"^[0-9a-fA-F]{64}$", description="the bundle file's sha256")
+
+
+SCHEMAS: dict[str, type[_Request]] = {"snapshot": SnapshotRequest, "reload": ReloadRequest, "flash": FlashRequest}
+# Commands known to the contract but not offered by this version, refused with their reason.
+NOT_YET: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -143,12 +143,22 @@ class OverlayConfig(_Section):
     every_n: int = Field(1, ge=1, description="write every n-th frame's overlay")
 
 
+class FlashConfig(_Section):
+    trusted_keys: list[Path] = Field(
+        default_factory=lambda: [Path("/etc/cellseg/trusted-keys")],
+        description="Ed25519 public keys (PEM files, or folders of *.pub) whose bundles this device accepts",
+    )
+    max_download_mb: float = Field(2048.0, gt=0.0, le=65536.0, description="largest bundle a flash downloads")
+
+
 class Config(_Section):
     """The whole device configuration."""
 
     device_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
                            description="this device's name; part of the MQTT topics")  # fmt: skip
-    model: Path = Field(..., description="the model: an ONNX file or an engine bundle folder")
+    model: Path = Field(
+        ..., description="the factory model (an ONNX file or an installed bundle folder); a flashed engine overrides it"
+    )
     state_dir: Path = Field(Path("/var/lib/cellseg"), description="where the spool and engine slots live")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -158,6 +168,7 @@ class Config(_Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     overlay: OverlayConfig = Field(default_factory=OverlayConfig)
+    flash: FlashConfig = Field(default_factory=FlashConfig)
 
     @property
     def topic_prefix(self) -> str:

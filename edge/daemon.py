@@ -26,15 +26,17 @@ from cellseg import __version__
 from cellseg.edge.capture import Source, SourceFrame
 from cellseg.edge.capture.files import FolderSource, ImageListSource
 from cellseg.edge.capture.video import VideoFileSource, live_source
-from cellseg.edge.commands import Command, CommandError, SnapshotRequest, parse_command, reply
+from cellseg.edge.commands import Command, CommandError, FlashRequest, SnapshotRequest, parse_command, reply
 from cellseg.edge.config import Config
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+from cellseg.edge.engine_select import OpenedEngine, open_engine
 from cellseg.edge.errors import CellsegError, ConfigError
+from cellseg.edge.flash import FlashResult, flash_url, settings_for, store_for
 from cellseg.edge.measure import measurement_to_dict
 from cellseg.edge.overlay import draw_overlay
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.publisher import SCHEMA, MqttPublisher
 from cellseg.edge.sdnotify import Notifier
+from cellseg.edge.slots import SlotStore
 from cellseg.edge.spool import Spool, SpoolFullError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,13 @@ class Daemon:
         self.last_error = ""
         self._commands: queue.Queue[Command] = queue.Queue(maxsize=100)
         self._last: tuple[Any, Any, int] | None = None  # (frame, result, seq) of the latest measurement
+        self._opened: OpenedEngine | None = None
+        self._predictor: Predictor | None = None
+        self._active_target: str | None = None  # the slot link the running engine came from
+        self._flash_thread: threading.Thread | None = None
+        # A finished cmd/flash: (request id, result or refusal), for the loop to act on between frames.
+        self._flashed: queue.Queue[tuple[str | None, FlashResult | str]] = queue.Queue()
+        self.last_flash: dict[str, Any] = {}
 
     def request_stop(self, *_: object) -> None:
         self.stop_requested.set()
@@ -93,17 +102,12 @@ class Daemon:
 
     def run(self) -> int:
         c = self.config
-        if c.engine.backend == "tensorrt":
-            raise ConfigError("engine.backend 'tensorrt' needs the TensorRT backend, which this version lacks")
         spool = Spool(c.spool.path or c.state_dir / "spool.sqlite", c.spool.max_messages, c.spool.when_full)
-        engine = OnnxRuntimeEngine(c.model, threads=c.engine.threads)
-        engine.load()
-        engine.warmup()
-        logger.info("engine: ONNX Runtime (%s), model %s", engine.precision, c.model)
-        thresholds = engine.info.thresholds.overridden(
-            conf=c.postprocess.conf, iou=c.postprocess.iou, max_det=c.postprocess.max_det
-        )
-        predictor = Predictor(engine, thresholds, c.measurement.pixel_size_um)
+        store = store_for(c.state_dir)
+        removed = store.clean()
+        if removed:
+            logger.info("removed unfinished or superseded engine files: %s", ", ".join(removed))
+        self._load_engine(store)
         publisher = None
         if c.mqtt.enabled:
             publisher = MqttPublisher(c.mqtt, c.topic_prefix, c.mqtt.client_id or f"cellseg-{c.device_id}", spool)
@@ -119,8 +123,9 @@ class Daemon:
         try:
             while not self.stop_requested.is_set():
                 self.notifier.watchdog()
+                self._swap_engine_if_flashed(store, publisher, spool)
                 if publisher is not None:
-                    self._run_commands(publisher, predictor)
+                    self._run_commands(publisher, store)
                 # Wait for the interval before taking a frame, so a live source's is fresh, and in
                 # short slices, so the watchdog keeps hearing from us.
                 wait = next_due - time.monotonic()
@@ -135,21 +140,141 @@ class Daemon:
                     break
                 sf: SourceFrame = item
                 next_due = time.monotonic() + c.source.interval_s
-                self._measure(
-                    sf, predictor=predictor, spool=spool, publisher=publisher, topic=topic, precision=engine.precision
-                )
+                self._measure(sf, spool=spool, publisher=publisher, topic=topic)
         finally:
             if self.reload_requested.is_set():
                 self.notifier.send("RELOADING=1")  # READY=1 follows when the new config runs
             else:
                 self.notifier.stopping()
             source.stop()
+            if self._flash_thread is not None:
+                self._flash_thread.join()
+                self._close_flashed()
             if publisher is not None:
-                self._publish_state(publisher, spool, engine.precision)
+                self._publish_state(publisher, spool)
                 publisher.stop()
-            engine.close()
+            if self._opened is not None:
+                self._opened.engine.close()
             spool.close()
         return 0
+
+    # -- engines ---------------------------------------------------------------------------
+
+    def _load_engine(self, store: SlotStore) -> None:
+        """The active flashed slot, else the previous one, else the configured model."""
+        c = self.config
+        candidates = [(store.active_target(), store.active()), (None, store.previous()), (None, c.model)]
+        errors = []
+        for target, path in candidates:
+            if path is None:
+                continue
+            try:
+                opened = open_engine(path, c.engine.backend, c.engine.threads)
+            except CellsegError as e:
+                errors.append(f"{path}: {e}")
+                logger.error("cannot run engine %s: %s", path, e)
+                continue
+            self._use(opened, target if target is not None else store.active_target())
+            if errors:
+                self.last_error = "fell back to another engine: " + "; ".join(errors)
+            return
+        raise ConfigError("no engine can be loaded: " + "; ".join(errors))
+
+    def _use(self, opened: OpenedEngine, target: str | None) -> None:
+        c = self.config
+        thresholds = opened.engine.info.thresholds.overridden(
+            conf=c.postprocess.conf, iou=c.postprocess.iou, max_det=c.postprocess.max_det
+        )
+        old = self._opened
+        self._opened = opened
+        self._predictor = Predictor(opened.engine, thresholds, c.measurement.pixel_size_um)
+        self._active_target = target
+        if old is not None:
+            old.engine.close()
+        logger.warning("engine: %s", opened.describe())
+
+    def _swap_engine_if_flashed(self, store: SlotStore, publisher: MqttPublisher | None, spool: Spool) -> None:
+        """Between frames: take over a flashed engine (ours, or one `cellseg flash` activated)."""
+        try:
+            request_id, outcome = self._flashed.get_nowait()
+        except queue.Empty:
+            request_id, outcome = None, None
+        if isinstance(outcome, FlashResult):
+            assert outcome.opened is not None
+            self._use(outcome.opened, store.active_target())
+            self.last_flash = {"ok": True, "slot": outcome.slot.name, "bundle": outcome.manifest.name}
+            if publisher is not None:
+                publisher.publish_reply(
+                    "flash",
+                    reply(
+                        request_id,
+                        True,
+                        slot=outcome.slot.name,
+                        engine_id=outcome.opened.engine.engine_id,
+                        precision=outcome.opened.engine.precision,
+                        self_test=outcome.self_test,
+                    ),
+                )
+                self._publish_state(publisher, spool)
+            return
+        if isinstance(outcome, str):
+            self.last_flash = {"ok": False, "error": outcome}
+            if publisher is not None:
+                publisher.publish_reply("flash", reply(request_id, False, outcome))
+                self._publish_state(publisher, spool)
+            return
+        target = store.active_target()
+        if target == self._active_target or (self._flash_thread is not None and self._flash_thread.is_alive()):
+            return
+        # Another process flashed or rolled back: load the slot now active, keep ours if it fails.
+        slot = store.active()
+        if slot is None:
+            self._active_target = target
+            return
+        try:
+            self._use(open_engine(slot, self.config.engine.backend, self.config.engine.threads), target)
+            self.last_flash = {"ok": True, "slot": slot.name, "by": "cellseg flash"}
+        except CellsegError as e:
+            self._active_target = target  # do not retry every frame; the error stays reported
+            self.last_error = f"newly active engine {slot.name} does not load, keeping the running one: {e}"
+            logger.error("%s", self.last_error)
+        if publisher is not None:
+            self._publish_state(publisher, spool)
+
+    def _start_flash(self, publisher: MqttPublisher, store: SlotStore, request: FlashRequest) -> None:
+        if self._flash_thread is not None and self._flash_thread.is_alive():
+            publisher.publish_reply("flash", reply(request.id, False, "a flash is already in progress"))
+            return
+        try:
+            settings = settings_for(self.config)
+        except CellsegError as e:
+            publisher.publish_reply("flash", reply(request.id, False, str(e)))
+            return
+
+        def work() -> None:
+            try:
+                result = flash_url(request.url, request.sha256, store, settings, keep_engine=True)
+                self._flashed.put((request.id, result))
+            except CellsegError as e:
+                logger.error("flash of %s refused: %s", request.url, e)
+                self._flashed.put((request.id, str(e)))
+            except Exception as e:  # a bug in flashing must not take the measuring down
+                logger.exception("flash of %s failed", request.url)
+                self._flashed.put((request.id, f"unexpected {type(e).__name__}: {e}"))
+
+        logger.warning("flashing %s", request.url)
+        self._flash_thread = threading.Thread(target=work, name="flash", daemon=True)
+        self._flash_thread.start()
+
+    def _close_flashed(self) -> None:
+        """At stop: an engine flashed but not yet swapped in is closed (its slot is active on disk)."""
+        while True:
+            try:
+                _, outcome = self._flashed.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(outcome, FlashResult) and outcome.opened is not None:
+                outcome.opened.engine.close()
 
     def _capture(self, source: Source, frames: queue.Queue[Any]) -> None:
         live = getattr(source, "live", False)
@@ -176,12 +301,13 @@ class Daemon:
         self,
         sf: SourceFrame,
         *,
-        predictor: Predictor,
         spool: Spool,
         publisher: MqttPublisher | None,
         topic: str,
-        precision: str,
     ) -> None:
+        predictor = self._predictor
+        assert predictor is not None
+        precision = predictor.engine.precision
         try:
             result = predictor(sf.frame)
         except CellsegError as e:
@@ -216,7 +342,7 @@ class Daemon:
             publisher.publish_retained("count", str(record["count"]))
             publisher.publish_retained("confluence", f"{record['confluence_pct']:.4f}")
             if self.measured % 10 == 1:
-                self._publish_state(publisher, spool, precision)
+                self._publish_state(publisher, spool)
         overlay = self.config.overlay
         if overlay.dir is not None and self.measured % overlay.every_n == 0:
             import cv2
@@ -240,7 +366,7 @@ class Daemon:
         except queue.Full:
             publisher.publish_reply(name, reply(None, False, "too many commands waiting; try again"))
 
-    def _run_commands(self, publisher: MqttPublisher, predictor: Predictor) -> None:
+    def _run_commands(self, publisher: MqttPublisher, store: SlotStore) -> None:
         """Between frames, so a command never races the measuring."""
         while True:
             try:
@@ -248,15 +374,18 @@ class Daemon:
             except queue.Empty:
                 return
             if command.name == "snapshot" and isinstance(command.request, SnapshotRequest):
-                self._snapshot(publisher, predictor, command.request)
+                self._snapshot(publisher, command.request)
+            elif command.name == "flash" and isinstance(command.request, FlashRequest):
+                self._start_flash(publisher, store, command.request)
             elif command.name == "reload":
                 publisher.publish_reply("reload", reply(command.request.id, True, note="reloading the configuration"))
                 self.request_reload()
 
-    def _snapshot(self, publisher: MqttPublisher, predictor: Predictor, request: SnapshotRequest) -> None:
+    def _snapshot(self, publisher: MqttPublisher, request: SnapshotRequest) -> None:
         import cv2
 
-        if self._last is None:
+        predictor = self._predictor
+        if self._last is None or predictor is None:
             publisher.publish_reply("snapshot", reply(request.id, False, "no frame measured yet"))
             return
         frame, result, seq = self._last
@@ -268,12 +397,19 @@ class Daemon:
         publisher.publish_snapshot(jpeg.tobytes())
         publisher.publish_reply("snapshot", reply(request.id, True, seq=seq, bytes=len(jpeg)))
 
-    def _publish_state(self, publisher: MqttPublisher, spool: Spool, precision: str) -> None:
+    def _publish_state(self, publisher: MqttPublisher, spool: Spool) -> None:
         uptime = time.monotonic() - self.started
+        engine: dict[str, Any] = {}
+        if self._opened is not None:
+            e = self._opened.engine
+            engine = {"id": e.engine_id, "backend": self._opened.backend, "precision": e.precision,
+                      "slot": self._opened.path.name if self._opened.manifest else None,
+                      "model": str(self._opened.path)}  # fmt: skip
         state = {
             "schema": SCHEMA,
             "version": __version__,
-            "engine": {"model": str(self.config.model), "precision": precision},
+            "engine": engine,
+            "last_flash": self.last_flash,
             "uptime_s": round(uptime, 1),
             "measured": self.measured,
             "fps": round(self.measured / uptime, 4) if uptime > 0 else 0.0,

@@ -53,3 +53,42 @@ def shipped_model() -> Path:
     if not SHIPPED_MODEL.is_file():
         pytest.fail(f"the shipped model {SHIPPED_MODEL} is missing from the repository")
     return SHIPPED_MODEL
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A lab's signing key pair: (private key, public key)."""
+    from cellseg.build.bundle import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("keys") / "lab")
+
+
+@pytest.fixture(scope="session")
+def int8_model(shipped_model: Path, usiigaci_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model quantised to INT8 Q/DQ on 20 Usiigaci train frames, with its gate report
+    (``int8.gate.json`` beside it)."""
+    from cellseg.build.gate import run_gate, write_report
+    from cellseg.build.quantize import choose_calibration_images, quantize
+
+    out = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    calibration = choose_calibration_images(usiigaci_dataset / "images" / "train", 20)
+    quantize(shipped_model, out, calibration, progress=False)
+    report = run_gate(shipped_model, out, usiigaci_dataset / "data.yaml", threads=2, progress=False)
+    write_report(report, out.with_suffix(".gate.json"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundles(
+    shipped_model: Path, int8_model: Path, signing_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Signed ONNX bundles of the shipped FP32 model and its INT8 quantisation."""
+    from cellseg.build.bundle import make_bundle
+    from cellseg.build.gate import read_report
+
+    out = tmp_path_factory.mktemp("bundles")
+    reference = sorted(SAMPLES.glob("*.png"))[0]
+    make_bundle(shipped_model, out / "fp32.cellseg", signing_keys[0], reference)
+    gate = read_report(int8_model.with_suffix(".gate.json"))
+    make_bundle(int8_model, out / "int8.cellseg", signing_keys[0], reference, gate_report=gate)
+    return {"fp32": out / "fp32.cellseg", "int8": out / "int8.cellseg"}

@@ -1,0 +1,84 @@
+"""Which engine to run: a model path (an ONNX file or an installed bundle slot) -> a loaded engine.
+
+A slot's files are checked against its manifest each time it is opened (a slot corrupted on
+disk is refused, not run). The TensorRT backend is imported only for a TensorRT bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cellseg.edge.bundle import MANIFEST, BundleError, Manifest, check_files, parse_manifest
+from cellseg.edge.engine import Engine
+from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+from cellseg.edge.errors import ConfigError, ModelError
+from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenedEngine:
+    engine: Engine
+    backend: str  # "onnxruntime" or "tensorrt"
+    path: Path
+    manifest: Manifest | None  # None for a bare ONNX file
+
+    def describe(self) -> str:
+        where = f"slot {self.path.name}" if self.manifest is not None else str(self.path)
+        return f"{self.backend} ({self.engine.precision}) from {where}, engine id {self.engine.engine_id}"
+
+
+def read_slot_manifest(slot: Path) -> Manifest:
+    try:
+        data = (slot / MANIFEST).read_bytes()
+    except OSError as e:
+        raise ModelError(f"{slot}: no readable {MANIFEST}: {e.strerror}") from e
+    return parse_manifest(data)
+
+
+def open_engine(path: Path, backend: str = "auto", threads: int | None = None) -> OpenedEngine:
+    """Load the engine at ``path`` and warm it up.
+
+    Args:
+        path: an ``.onnx`` file, or a folder holding an installed bundle (``manifest.json``).
+        backend: ``auto``, ``onnxruntime`` or ``tensorrt`` (the config's ``engine.backend``).
+        threads: ONNX Runtime intra-op threads.
+    """
+    manifest = None
+    if path.is_dir():
+        manifest = read_slot_manifest(path)
+        try:
+            check_files(path, manifest)
+        except BundleError as e:
+            raise ModelError(f"installed engine is damaged: {e}") from e
+        kind = manifest.engine.kind
+        model_file = path / manifest.engine.file
+    elif path.suffix.lower() == ".onnx" or path.is_file():
+        kind, model_file = "onnx", path
+    else:
+        raise ModelError(f"{path}: no such model file or engine slot")
+    if kind == "onnx":
+        if backend == "tensorrt":
+            raise ConfigError(f"engine.backend is 'tensorrt' but {path} is an ONNX model; build a TensorRT bundle")
+        engine: Engine = OnnxRuntimeEngine(model_file, threads=threads)
+        name = "onnxruntime"
+    else:
+        if backend == "onnxruntime":
+            raise ConfigError(f"engine.backend is 'onnxruntime' but {path} holds a TensorRT engine")
+        assert manifest is not None
+        from cellseg.edge.engine_tensorrt import TensorRTEngine
+
+        info = ModelInfo.from_metadata({CELLSEG_METADATA_KEY: json.dumps(manifest.model)}, path)
+        engine = TensorRTEngine(model_file, info, precision=manifest.engine.precision)
+        name = "tensorrt"
+    engine.load()
+    try:
+        engine.warmup()
+    except Exception:
+        engine.close()
+        raise
+    return OpenedEngine(engine, name, path, manifest)
