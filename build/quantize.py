@@ -85,6 +85,8 @@ def head_float_nodes(model: Any) -> list[str]:
         raise ModelError("cannot find the Segment head: node names are not ultralytics' '/model.N/...'")
     head = max(i for i, _ in numbered)
     branch = re.compile(rf"/model\.{head}/(cv[234]\.\d+|proto)/")
+    # The DFL's fixed 1x1 Conv stays quantised: its inputs are softmax probabilities in [0, 1],
+    # which u8 holds well, and in float it cost 2-3 ms per frame here with no accuracy gained.
     return [
         n.name
         for i, n in numbered

@@ -1,0 +1,85 @@
+"""INT8 quantisation of the shipped model and the accuracy gate, on the real Usiigaci frames."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from cellseg.build.bundle import make_bundle
+from cellseg.build.gate import read_report
+from cellseg.build.quantize import choose_calibration_images, head_float_nodes
+from cellseg.cli import main
+from cellseg.edge.bundle import BundleError
+from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+from cellseg.edge.errors import ConfigError, DatasetError
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+def test_int8_model_is_qdq_with_the_decode_in_float_and_passes_the_gate(
+    int8_model: Path, shipped_model: Path, usiigaci_dataset: Path
+) -> None:
+    model = onnx.load(str(int8_model))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 100 and ops.count("DequantizeLinear") > 100
+    decode = set(head_float_nodes(onnx.load(str(shipped_model))))
+    assert decode and {"/model.23/dfl/Softmax", "/model.23/Sigmoid"} <= decode
+    # The decode computes in float: none of its results is quantised again, except the DFL's
+    # softmax probabilities on their way into the DFL's fixed Conv.
+    q_inputs = {i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input}
+    decoded = [n for n in model.graph.node if n.name in decode]
+    requantised = [n.name for n in decoded if set(n.output) & q_inputs]
+    assert len(decoded) == len(decode) and requantised == ["/model.23/dfl/Softmax"]
+    with OnnxRuntimeEngine(int8_model, threads=1) as engine:
+        assert engine.precision == "int8"
+        calibration = engine.info.extra["quantization"]["calibration"]
+    again = choose_calibration_images(usiigaci_dataset / "images" / "train", 20)
+    assert calibration["sha256"] == again.sha256 and calibration["count"] == 20
+    report = read_report(int8_model.with_suffix(".gate.json"))
+    assert report["passed"] is True and report["images"] == 5
+    assert report["losses"]["mask_map_points"] <= 1.0 and report["losses"]["count_pct_points"] <= 2.0
+    assert report["reference"]["mask_map50_95"] > 0.2  # a real model on real frames, not an empty comparison
+
+
+def test_the_gate_refuses_a_quantisation_of_the_head_and_bundle_will_not_package_it(
+    shipped_model: Path, usiigaci_dataset: Path, signing_keys: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "broken-int8.onnx"
+    args = ["quantize", str(shipped_model), "-o", str(out), "--data", str(usiigaci_dataset / "data.yaml"),
+            "--head", "quantize", "--calibration-images", "4", "--threads", "2", "--quiet"]  # fmt: skip
+    assert main(args) == 3
+    printed = capsys.readouterr().out
+    assert "REFUSED" in printed and "mask mAP50-95 drops" in printed
+    report = json.loads(out.with_suffix(".gate.json").read_text())
+    assert report["passed"] is False and report["losses"]["mask_map_points"] > 1.0
+    with pytest.raises(BundleError, match="accuracy gate refused"):
+        make_bundle(out, tmp_path / "b.cellseg", signing_keys[0], sorted(SAMPLES.glob("*.png"))[0], gate_report=report)
+    with pytest.raises(BundleError, match="needs the accuracy gate"):
+        make_bundle(out, tmp_path / "b.cellseg", signing_keys[0], sorted(SAMPLES.glob("*.png"))[0])
+    assert not (tmp_path / "b.cellseg").exists()
+
+
+def test_a_gate_report_for_another_model_is_not_accepted(
+    int8_model: Path, shipped_model: Path, signing_keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    report = read_report(int8_model.with_suffix(".gate.json"))
+    report["candidate"]["sha256"] = "0" * 64
+    with pytest.raises(BundleError, match="another model"):
+        make_bundle(int8_model, tmp_path / "b.cellseg", signing_keys[0], sorted(SAMPLES.glob("*.png"))[0],
+                    gate_report=report)  # fmt: skip
+
+
+def test_calibration_choice_is_spread_deterministic_and_checked(usiigaci_dataset: Path, tmp_path: Path) -> None:
+    folder = usiigaci_dataset / "images" / "train"
+    a, b = choose_calibration_images(folder, 5), choose_calibration_images(folder, 5)
+    everything = sorted(folder.iterdir())
+    assert a == b and a.images[0] == everything[0] and a.images[-1] == everything[-1]
+    assert choose_calibration_images(folder, 1000).images == tuple(everything)
+    with pytest.raises(ConfigError):
+        choose_calibration_images(folder, 0)
+    with pytest.raises(DatasetError, match="no images"):
+        choose_calibration_images(tmp_path, 5)
