@@ -22,6 +22,7 @@ from typing import Any
 
 from cellseg.edge.bundle import (
     MANIFEST,
+    MANIFEST_SCHEMA,
     SIGNATURE,
     BundleError,
     EngineSpec,
@@ -157,7 +158,7 @@ def make_bundle(
         ref_name: FileEntry(sha256=file_sha256(reference_image), size=reference_image.stat().st_size),
     }
     manifest = Manifest(
-        schema=1,
+        schema_=MANIFEST_SCHEMA,
         name=name or output.stem,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         engine=spec,

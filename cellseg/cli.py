@@ -154,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--reference", type=Path, help="reference frame for the self-test (default: the first sample)")
     bu.add_argument("--name", help="bundle name (default: the output file's stem)")
 
+    bd = sub.add_parser("build-engine", help="a TensorRT engine from an ONNX model (run on the target device)")
+    bd.add_argument("model", type=Path, help="FP32 ONNX (for fp16) or the Q/DQ ONNX from cellseg quantize (int8)")
+    bd.add_argument("-o", "--output", type=Path, required=True, help="plan file to write (.engine; .json beside it)")
+    bd.add_argument("--precision", choices=["fp16", "int8"], default="fp16")
+    bd.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit")
+    bd.add_argument("--timing-cache", type=Path, help="reuse and update this timing cache (faster rebuilds)")
+    bd.add_argument("--calibration", type=Path, nargs="+", help="images for the implicit INT8 calibrator (fallback)")
+    bd.add_argument("--validate", type=Path, nargs="*", help="frames to compare the engine with the ONNX model on")
+
     fl = sub.add_parser("flash", help="verify a bundle and make it this device's engine (a running daemon swaps to it)")
     fl.add_argument("bundle", help="bundle file, or an http(s):// or file:// URL")
     fl.add_argument("--sha256", help="expected sha256 of the bundle file (required for URLs)")
@@ -215,6 +224,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "bundle": _cmd_bundle,
         "flash": _cmd_flash,
         "rollback": _cmd_rollback,
+        "build-engine": _cmd_build_engine,
     }
     return commands[args.command](args)
 
@@ -499,6 +509,26 @@ def _cmd_flash(args: argparse.Namespace) -> int:
         result = flash_file(Path(args.bundle), store, settings)
     print(f"active engine: slot {result.slot.name} ({result.manifest.name}); self-test {json.dumps(result.self_test)}")
     return 0
+
+
+def _cmd_build_engine(args: argparse.Namespace) -> int:
+    from cellseg.build.engine_build import build_engine, validate_engine
+
+    if not args.model.is_file():
+        print(f"cellseg build-engine: error: {args.model}: no such ONNX model", file=sys.stderr)
+        return 2
+    report = build_engine(
+        args.model,
+        args.output,
+        args.precision,
+        workspace_mb=args.workspace_mb,
+        timing_cache=args.timing_cache,
+        calibration_images=args.calibration,
+    )
+    frames = args.validate if args.validate else sorted(SAMPLES_DIR.glob("*.png"))
+    validation = validate_engine(args.output, args.model, report, frames)
+    print(json.dumps(validation, indent=2))
+    return 0 if validation["passed"] else 3
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:

@@ -46,7 +46,11 @@ def test_int8_model_is_qdq_with_the_decode_in_float_and_passes_the_gate(
 
 
 def test_the_gate_refuses_a_quantisation_of_the_head_and_bundle_will_not_package_it(
-    shipped_model: Path, usiigaci_dataset: Path, signing_keys: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shipped_model: Path,
+    usiigaci_dataset: Path,
+    signing_keys: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "broken-int8.onnx"
     args = ["quantize", str(shipped_model), "-o", str(out), "--data", str(usiigaci_dataset / "data.yaml"),

@@ -43,7 +43,7 @@ def test_sigkill_at_random_points_of_a_flash_leaves_a_complete_active_slot(
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.monotonic()
-    done = subprocess.run(flash_cmd(bundles["int8"]), capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(flash_cmd(bundles["int8"]), check=False, capture_output=True, text=True, env=env, timeout=120)
     full = time.monotonic() - t0
     assert done.returncode == 0, done.stderr
     rng = random.Random(20261125)

@@ -1,0 +1,52 @@
+"""TensorRT's implicit INT8 entropy calibrator, fed by the device's own preprocessing.
+
+Only the fallback for an FP32 ONNX built as INT8 (see :mod:`cellseg.build.engine_build`); the
+explicit Q/DQ path needs none of this. Runs on the target: imports tensorrt and pycuda.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellseg.edge.imageio import read_image
+from cellseg.edge.model_info import ModelInfo
+from cellseg.edge.preprocess import Preprocessor
+from cellseg.edge.types import Frame
+
+
+def EntropyCalibrator(trt: Any, onnx_path: Path, images: list[Path], cache: Path) -> Any:  # noqa: N802 -- a class factory
+    import onnx
+    import pycuda.driver as cuda
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    info = ModelInfo.from_metadata(meta, onnx_path)
+    pre = Preprocessor(info.input_width, info.input_height, info.mapping)
+
+    class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._pending = list(images)
+            nbytes = 3 * info.input_width * info.input_height * np.dtype(np.float32).itemsize
+            self._device = cuda.mem_alloc(nbytes)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            if not self._pending:
+                return None
+            path = self._pending.pop(0)
+            tensor, _ = pre(Frame(read_image(path), source=str(path)))
+            cuda.memcpy_htod(self._device, np.ascontiguousarray(tensor, dtype=np.float32))
+            return [int(self._device)]
+
+        def read_calibration_cache(self) -> bytes | None:
+            return cache.read_bytes() if cache.is_file() else None
+
+        def write_calibration_cache(self, data: Any) -> None:
+            cache.write_bytes(bytes(data))
+
+    return _Calibrator()
