@@ -214,6 +214,24 @@ class Postprocessor:
         return postprocess(raw, letterbox, self.config, self._resampler)
 
 
+def to_frame_boxes(boxes: npt.NDArray[np.float32], lb: Letterbox) -> npt.NDArray[np.float32]:
+    """Input-pixel ``x0, y0, x1, y1`` -> frame pixels, clipped to the frame."""
+    frame_boxes = (boxes - np.array([lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y], np.float32)) / np.array(
+        [lb.scale_x, lb.scale_y, lb.scale_x, lb.scale_y], np.float32
+    )
+    frame_boxes[:, [0, 2]] = np.clip(frame_boxes[:, [0, 2]], 0, lb.frame_width)
+    frame_boxes[:, [1, 3]] = np.clip(frame_boxes[:, [1, 3]], 0, lb.frame_height)
+    return frame_boxes
+
+
+def pixel_span(box: list[float], lb: Letterbox) -> tuple[int, int, int, int]:
+    """``c0, c1, r0, r1``: the frame pixels whose index lies in ``[x0, x1) x [y0, y1)``."""
+    x0, y0, x1, y1 = box
+    c0, c1 = max(math.ceil(x0), 0), min(math.ceil(x1), lb.frame_width)
+    r0, r1 = max(math.ceil(y0), 0), min(math.ceil(y1), lb.frame_height)
+    return c0, c1, r0, r1
+
+
 def postprocess(
     raw: RawOutputs, letterbox: Letterbox, config: PostprocessConfig, resampler: MaskResampler | None = None
 ) -> Detections:
@@ -247,13 +265,8 @@ def postprocess(
     boxes, det_scores, cls = boxes[kept], scores[candidates[kept]], cls[kept]
     coefs = preds[4 + nc :, candidates[kept]].T  # (n, nm)
 
-    # Input pixels -> frame pixels, clipped to the frame.
     lb = letterbox
-    frame_boxes = (boxes - np.array([lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y], np.float32)) / np.array(
-        [lb.scale_x, lb.scale_y, lb.scale_x, lb.scale_y], np.float32
-    )
-    frame_boxes[:, [0, 2]] = np.clip(frame_boxes[:, [0, 2]], 0, lb.frame_width)
-    frame_boxes[:, [1, 3]] = np.clip(frame_boxes[:, [1, 3]], 0, lb.frame_height)
+    frame_boxes = to_frame_boxes(boxes, lb)
 
     resampler = resampler or MaskResampler.build(lb, ph, pw)
     # sigmoid(logit) > t  <=>  logit > log(t / (1 - t)): threshold the interpolated logits.
@@ -261,10 +274,8 @@ def postprocess(
     masks: list[npt.NDArray[np.bool_]] = []
     origins = np.zeros((len(kept), 2), dtype=np.int32)
     keep_rows: list[int] = []
-    for i, (x0, y0, x1, y1) in enumerate(frame_boxes.tolist()):
-        # Frame pixels whose index lies in [x0, x1) x [y0, y1).
-        c0, c1 = max(math.ceil(x0), 0), min(math.ceil(x1), lb.frame_width)
-        r0, r1 = max(math.ceil(y0), 0), min(math.ceil(y1), lb.frame_height)
+    for i, box in enumerate(frame_boxes.tolist()):
+        c0, c1, r0, r1 = pixel_span(box, lb)
         if c1 <= c0 or r1 <= r0:
             continue  # a box thinner than a pixel holds no pixel: nothing to measure
         px0, px1, wx = resampler.x.window(c0, c1)

@@ -1,0 +1,317 @@
+"""Pre- and post-processing with the CUDA kernels in ``kernels/*.cu``: the host side.
+
+The host plans each launch (letterbox geometry, the 16-bit lookup table, candidate windows,
+buffer offsets, separable resampling taps) in numpy and hands buffers to a
+:class:`KernelRunner`: :class:`PycudaRunner` on a Jetson, or the CPU emulation the tests use,
+which compiles the very same ``.cu`` files with g++. Both therefore exercise this planning code
+and the kernels' logic; only the runner differs.
+
+What crosses back to the host per frame: the candidate count and their (index, score, class),
+the candidates' boxes, per-detection areas, the covered-pixel count, and the cropped masks only
+when an overlay needs them. NMS runs on the host over the survivors (a few hundred boxes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from cellseg.edge.intensity import IntensityMapping, lookup_table
+from cellseg.edge.model_info import PostprocessConfig
+from cellseg.edge.postprocess import (
+    _CLASS_OFFSET,
+    MAX_NMS_CANDIDATES,
+    AxisResampler,
+    MaskResampler,
+    nms,
+    pixel_span,
+    to_frame_boxes,
+)
+from cellseg.edge.preprocess import letterbox_geometry
+from cellseg.edge.types import Detections, Frame, Letterbox
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+KERNEL_FILES = ("preprocess", "postprocess")
+BLOCK = 256
+
+
+def kernel_source(name: str) -> str:
+    """The CUDA source of ``kernels/<name>.cu``."""
+    return (KERNEL_DIR / f"{name}.cu").read_text()
+
+
+class KernelRunner(Protocol):
+    """Device memory and kernel launches. ``None`` as a pointer argument is a null pointer."""
+
+    def upload(self, array: npt.NDArray[Any]) -> Any: ...
+
+    def zeros(self, count: int, dtype: npt.DTypeLike) -> Any: ...
+
+    def download(self, buffer: Any, count: int, dtype: npt.DTypeLike) -> npt.NDArray[Any]: ...
+
+    def launch(self, kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int], *args: Any) -> None: ...
+
+
+def _blocks(n: int, block: int = BLOCK) -> int:
+    return max(1, math.ceil(n / block))
+
+
+@dataclass(frozen=True)
+class AxisTaps:
+    """One axis' resampling in the form the kernel reads: for each frame pixel, the first
+    prototype cell and ``taps`` weights (zero-padded)."""
+
+    first: npt.NDArray[np.int32]
+    weights: npt.NDArray[np.float32]
+
+    @classmethod
+    def from_resampler(cls, axis: AxisResampler) -> AxisTaps:
+        span = axis.stop - axis.first
+        taps = int(span.max())
+        weights = np.zeros((axis.weights.shape[0], taps), dtype=np.float32)
+        for i, (a, b) in enumerate(zip(axis.first.tolist(), axis.stop.tolist(), strict=True)):
+            weights[i, : b - a] = axis.weights[i, a:b]
+        return cls(axis.first.astype(np.int32), weights)
+
+    @property
+    def taps(self) -> int:
+        return int(self.weights.shape[1])
+
+
+class GpuPreprocess:
+    """Frame -> device input tensor ``(1, 3, H, W)`` float32, one kernel launch."""
+
+    def __init__(self, runner: KernelRunner, input_width: int, input_height: int, mapping: IntensityMapping) -> None:
+        self.runner = runner
+        self.input_width, self.input_height = input_width, input_height
+        self.mapping = mapping
+        self.output = runner.zeros(3 * input_width * input_height, np.float32)  # allocated once
+
+    def __call__(self, frame: Frame) -> tuple[Any, Letterbox]:
+        pixels = frame.pixels
+        if pixels.ndim == 3 and pixels.shape[2] not in (1, 3):
+            raise ValueError(f"frames must have 1 or 3 channels, got {pixels.shape[2]}")
+        channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+        g = letterbox_geometry(frame.width, frame.height, self.input_width, self.input_height)
+        pixels = np.ascontiguousarray(pixels)
+        if pixels.dtype == np.uint16:
+            img8, img16, lut = None, self.runner.upload(pixels), self.runner.upload(lookup_table(pixels, self.mapping))
+        else:
+            img8, img16, lut = self.runner.upload(pixels), None, None
+        grid = (_blocks(self.input_width, 16), _blocks(self.input_height, 16), 1)
+        self.runner.launch(
+            "letterbox", grid, (16, 16, 1), img8, img16, lut, frame.width, frame.height, channels,
+            g.resized_width, g.resized_height, g.pad_x, g.pad_y, self.input_width, self.input_height, self.output,
+        )  # fmt: skip
+        return self.output, g
+
+
+@dataclass(frozen=True)
+class GpuDetections:
+    """What the GPU postprocess returns: per kept cell its box (frame pixels), score, class and
+    mask area; the pixels covered by their union; the cropped masks only when asked for."""
+
+    boxes: npt.NDArray[np.float32]
+    scores: npt.NDArray[np.float32]
+    class_ids: npt.NDArray[np.int32]
+    areas: npt.NDArray[np.int64]
+    covered_pixels: int
+    mask_origins: npt.NDArray[np.int32]
+    masks: list[npt.NDArray[np.bool_]] | None
+    frame_width: int
+    frame_height: int
+
+    def to_detections(self) -> Detections:
+        if self.masks is None:
+            raise ValueError("masks were not copied back (postprocess with want_masks=True)")
+        return Detections(self.boxes, self.scores, self.class_ids, self.mask_origins, self.masks,
+                          self.frame_width, self.frame_height)  # fmt: skip
+
+
+class GpuPostprocess:
+    """Raw outputs already on the device -> :class:`GpuDetections`, same semantics as
+    :func:`cellseg.edge.postprocess.postprocess`."""
+
+    def __init__(self, runner: KernelRunner, config: PostprocessConfig) -> None:
+        self.runner = runner
+        self.config = config
+        self._key: tuple[Letterbox, int, int] | None = None
+        self._taps: tuple[Any, Any, Any, Any, int, MaskResampler] | None = None
+        self._candidates: tuple[int, Any, Any, Any] | None = None
+
+    def _geometry(self, letterbox: Letterbox, ph: int, pw: int) -> tuple[Any, Any, Any, Any, int, MaskResampler]:
+        key = (letterbox, ph, pw)
+        if self._taps is None or key != self._key:
+            resampler = MaskResampler.build(letterbox, ph, pw)
+            x, y = AxisTaps.from_resampler(resampler.x), AxisTaps.from_resampler(resampler.y)
+            taps = max(x.taps, y.taps)
+            xw = np.zeros((x.weights.shape[0], taps), np.float32)
+            yw = np.zeros((y.weights.shape[0], taps), np.float32)
+            xw[:, : x.taps], yw[:, : y.taps] = x.weights, y.weights
+            r = self.runner
+            self._taps = (r.upload(x.first), r.upload(xw), r.upload(y.first), r.upload(yw), taps, resampler)
+            self._key = key
+        return self._taps
+
+    def _candidate_buffers(self, anchors: int) -> tuple[int, Any, Any, Any]:
+        if self._candidates is None or self._candidates[0] != anchors:
+            r = self.runner
+            self._candidates = (anchors, r.zeros(anchors, np.int32), r.zeros(anchors, np.float32),
+                                r.zeros(anchors, np.int32))  # fmt: skip
+        return self._candidates
+
+    def __call__(
+        self,
+        predictions: Any,
+        prototypes: Any,
+        pred_shape: tuple[int, int],
+        proto_shape: tuple[int, int, int],
+        letterbox: Letterbox,
+        *,
+        want_masks: bool = False,
+    ) -> GpuDetections:
+        r, cfg, lb = self.runner, self.config, letterbox
+        rows, anchors = pred_shape
+        nm, ph, pw = proto_shape
+        nc = rows - 4 - nm
+        _, index, score, klass = self._candidate_buffers(anchors)
+        count = r.zeros(1, np.int32)  # zeroed for every frame
+        r.launch("filter_candidates", (_blocks(anchors), 1, 1), (BLOCK, 1, 1), predictions, anchors, nc,
+                 np.float32(cfg.conf), anchors, count, index, score, klass)  # fmt: skip
+        n = int(r.download(count, 1, np.int32)[0])
+        empty = GpuDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32),
+                              np.zeros(0, np.int64), 0, np.zeros((0, 2), np.int32), [] if want_masks else None,
+                              lb.frame_width, lb.frame_height)  # fmt: skip
+        if n == 0:
+            return empty
+        idx = r.download(index, n, np.int32)
+        sc = r.download(score, n, np.float32)
+        cl = r.download(klass, n, np.int32)
+        # The reference takes candidates in anchor order (then sorts stably by score in NMS):
+        # atomics scattered them, so restore that order for identical tie-breaking.
+        order = np.argsort(idx, kind="stable")
+        idx, sc, cl = idx[order], sc[order], cl[order]
+        if n > MAX_NMS_CANDIDATES:
+            best = np.sort(np.argsort(-sc, kind="stable")[:MAX_NMS_CANDIDATES])
+            idx, sc, cl = idx[best], sc[best], cl[best]
+        xywh = self._gather(predictions, anchors, 0, 4, idx)
+        boxes = np.empty_like(xywh)
+        boxes[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
+        boxes[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
+        kept = nms(boxes + (cl.astype(np.float32) * _CLASS_OFFSET)[:, None], sc, cfg.iou, cfg.max_det)
+        frame_boxes = to_frame_boxes(boxes[kept], lb)
+        spans = [pixel_span(b, lb) for b in frame_boxes.tolist()]
+        rows_kept = [i for i, (c0, c1, r0, r1) in enumerate(spans) if c1 > c0 and r1 > r0]
+        if not rows_kept:
+            return empty
+        keep = np.asarray(rows_kept, dtype=np.intp)
+        anchors_kept = idx[kept][keep]
+        x_first, x_w, y_first, y_w, taps, resampler = self._geometry(lb, ph, pw)
+        windows, box_px, offsets, mask_offsets = [], [], [0], [0]
+        for i in rows_kept:
+            c0, c1, r0, r1 = spans[i]
+            px0, px1, _ = resampler.x.window(c0, c1)
+            py0, py1, _ = resampler.y.window(r0, r1)
+            windows.append((px0, px1, py0, py1))
+            box_px.append((c0, c1, r0, r1))
+            offsets.append(offsets[-1] + (px1 - px0) * (py1 - py0))
+            mask_offsets.append(mask_offsets[-1] + (c1 - c0) * (r1 - r0))
+        k = len(rows_kept)
+        coefs = r.zeros(k * nm, np.float32)
+        idx_dev = r.upload(anchors_kept.astype(np.int32))
+        r.launch("gather_columns", (_blocks(k * nm), 1, 1), (BLOCK, 1, 1), predictions, anchors, 4 + nc, nm,
+                 idx_dev, k, coefs)  # fmt: skip
+        win_dev = r.upload(np.asarray(windows, np.int32).ravel())
+        off_dev = r.upload(np.asarray(offsets[:-1], np.int32))
+        logits = r.zeros(offsets[-1], np.float32)
+        widest = max(w[1] - w[0] for w in windows) * max(w[3] - w[2] for w in windows)
+        r.launch("proto_logits", (_blocks(widest), k, 1), (BLOCK, 1, 1), prototypes, nm, ph, pw, coefs, win_dev,
+                 off_dev, logits)  # fmt: skip
+        masks = r.zeros(mask_offsets[-1], np.uint8)
+        union = r.zeros(lb.frame_width * lb.frame_height, np.uint8)
+        areas = r.zeros(k, np.int32)
+        largest = max((b[1] - b[0]) * (b[3] - b[2]) for b in box_px)
+        logit_threshold = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
+        r.launch("assemble_masks", (_blocks(largest), k, 1), (BLOCK, 1, 1), logits, win_dev, off_dev,
+                 r.upload(np.asarray(box_px, np.int32).ravel()), r.upload(np.asarray(mask_offsets[:-1], np.int32)),
+                 x_first, x_w, y_first, y_w, taps, np.float32(logit_threshold), lb.frame_width, masks, union,
+                 areas)  # fmt: skip
+        total = r.zeros(1, np.uint32)
+        n_px = lb.frame_width * lb.frame_height
+        r.launch("count_union", (min(_blocks(n_px), 1024), 1, 1), (BLOCK, 1, 1), union, n_px, total)
+        area = r.download(areas, k, np.int32).astype(np.int64)
+        covered = int(r.download(total, 1, np.uint32)[0])
+        # A detection without a single mask pixel is not a cell (as in the reference).
+        alive = np.flatnonzero(area > 0)
+        out_masks = None
+        if want_masks:
+            flat = r.download(masks, mask_offsets[-1], np.uint8).astype(bool)
+            out_masks = []
+            for j in alive.tolist():
+                c0, c1, r0, r1 = box_px[j]
+                out_masks.append(flat[mask_offsets[j] : mask_offsets[j + 1]].reshape(r1 - r0, c1 - c0))
+        sel = keep[alive]
+        return GpuDetections(
+            boxes=frame_boxes[sel].astype(np.float32),
+            scores=sc[kept][sel].astype(np.float32),
+            class_ids=cl[kept][sel].astype(np.int32),
+            areas=area[alive],
+            covered_pixels=covered,
+            mask_origins=np.asarray([(box_px[j][0], box_px[j][2]) for j in alive.tolist()], np.int32).reshape(-1, 2),
+            masks=out_masks,
+            frame_width=lb.frame_width,
+            frame_height=lb.frame_height,
+        )
+
+    def _gather(self, predictions: Any, anchors: int, row0: int, rows: int, idx: npt.NDArray[Any]) -> Any:
+        r = self.runner
+        n = len(idx)
+        out = r.zeros(n * rows, np.float32)
+        r.launch("gather_columns", (_blocks(n * rows), 1, 1), (BLOCK, 1, 1), predictions, anchors, row0, rows,
+                 r.upload(idx.astype(np.int32)), n, out)  # fmt: skip
+        return r.download(out, n * rows, np.float32).reshape(n, rows)
+
+
+class PycudaRunner:
+    """Runs the kernels on the GPU: sources compiled once by pycuda for this device."""
+
+    def __init__(self) -> None:
+        import pycuda.driver as cuda
+        from pycuda.compiler import SourceModule
+
+        self._cuda = cuda
+        self._functions = {}
+        for name in KERNEL_FILES:
+            module = SourceModule(kernel_source(name))
+            for kernel in kernel_names(kernel_source(name)):
+                self._functions[kernel] = module.get_function(kernel)
+
+    def upload(self, array: npt.NDArray[Any]) -> Any:
+        return self._cuda.to_device(np.ascontiguousarray(array))
+
+    def zeros(self, count: int, dtype: npt.DTypeLike) -> Any:
+        nbytes = max(count * np.dtype(dtype).itemsize, 1)
+        buf = self._cuda.mem_alloc(nbytes)
+        self._cuda.memset_d8(buf, 0, nbytes)
+        return buf
+
+    def download(self, buffer: Any, count: int, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+        out = np.empty(count, dtype=dtype)
+        if count:
+            self._cuda.memcpy_dtoh(out, buffer)
+        return out
+
+    def launch(self, kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int], *args: Any) -> None:
+        converted = [np.intp(0) if a is None else np.int32(a) if isinstance(a, int) else a for a in args]
+        self._functions[kernel](*converted, block=block, grid=grid[:2])
+
+
+def kernel_names(source: str) -> list[str]:
+    import re
+
+    return re.findall(r"__global__\s+void\s+(\w+)\s*\(", source)
