@@ -31,6 +31,7 @@ from cellseg.edge.config import Config
 from cellseg.edge.engine_select import OpenedEngine, open_engine
 from cellseg.edge.errors import CellsegError, ConfigError
 from cellseg.edge.flash import FlashResult, flash_url, settings_for, store_for
+from cellseg.edge.gpu_predictor import GpuPredictor
 from cellseg.edge.measure import measurement_to_dict
 from cellseg.edge.overlay import draw_overlay
 from cellseg.edge.predictor import Predictor
@@ -80,7 +81,7 @@ class Daemon:
         self._commands: queue.Queue[Command] = queue.Queue(maxsize=100)
         self._last: tuple[Any, Any, int] | None = None  # (frame, result, seq) of the latest measurement
         self._opened: OpenedEngine | None = None
-        self._predictor: Predictor | None = None
+        self._predictor: Predictor | GpuPredictor | None = None
         self._active_target: str | None = None  # the slot link the running engine came from
         self._flash_thread: threading.Thread | None = None
         # A finished cmd/flash: (request id, result or refusal), for the loop to act on between frames.
@@ -186,8 +187,16 @@ class Daemon:
             conf=c.postprocess.conf, iou=c.postprocess.iou, max_det=c.postprocess.max_det
         )
         old = self._opened
+        if opened.backend == "tensorrt":
+            from cellseg.edge.engine_tensorrt import TensorRTEngine
+            from cellseg.edge.gpu_predictor import GpuPredictor
+
+            assert isinstance(opened.engine, TensorRTEngine)
+            # Pre- and post-processing on the GPU; masks come back only for overlays.
+            self._predictor = GpuPredictor(opened.engine, thresholds, c.measurement.pixel_size_um)
+        else:
+            self._predictor = Predictor(opened.engine, thresholds, c.measurement.pixel_size_um)
         self._opened = opened
-        self._predictor = Predictor(opened.engine, thresholds, c.measurement.pixel_size_um)
         self._active_target = target
         if old is not None:
             old.engine.close()
@@ -309,7 +318,12 @@ class Daemon:
         assert predictor is not None
         precision = predictor.engine.precision
         try:
-            result = predictor(sf.frame)
+            overlay_due = self.config.overlay.dir is not None and (self.measured + 1) % self.config.overlay.every_n == 0
+            result = (
+                predictor(sf.frame, want_masks=overlay_due)
+                if isinstance(predictor, GpuPredictor)
+                else predictor(sf.frame)
+            )
         except CellsegError as e:
             self.last_error = f"{sf.frame.source}: {e}"
             logger.error("%s", self.last_error)
@@ -348,6 +362,7 @@ class Daemon:
             import cv2
 
             overlay.dir.mkdir(parents=True, exist_ok=True)
+            assert result.detections is not None  # asked for above
             picture = draw_overlay(sf.frame, result.detections, result.measurement, predictor.engine.info.mapping)
             cv2.imwrite(str(overlay.dir / f"{Path(sf.frame.source).stem}.png"), picture)
         self._last = (sf.frame, result, seq)
@@ -389,7 +404,10 @@ class Daemon:
             publisher.publish_reply("snapshot", reply(request.id, False, "no frame measured yet"))
             return
         frame, result, seq = self._last
-        picture = draw_overlay(frame, result.detections, result.measurement, predictor.engine.info.mapping)
+        detections = result.detections
+        if detections is None and isinstance(predictor, GpuPredictor):  # masks stayed on the GPU: run it again
+            detections = predictor(frame, want_masks=True).detections
+        picture = draw_overlay(frame, detections, result.measurement, predictor.engine.info.mapping)
         ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, request.quality])
         if not ok:
             publisher.publish_reply("snapshot", reply(request.id, False, "JPEG encoding failed"))

@@ -12,8 +12,9 @@ All GPU imports happen inside ``load``: importing this module needs neither Tens
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -237,6 +238,39 @@ class TensorRTEngine:
         preds = np.asarray(self._host[io.predictions.name][0], dtype=np.float32)
         protos = np.asarray(self._host[io.prototypes.name][0], dtype=np.float32)
         return RawOutputs(predictions=preds.copy(), prototypes=protos.copy())
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """This engine's CUDA context made current (for kernels sharing its buffers)."""
+        if self._ctx is None:
+            raise ModelError("engine is not loaded (call load() first)")
+        self._ctx.push()
+        try:
+            yield
+        finally:
+            self._ctx.pop()
+
+    def device_buffer(self, name: str) -> Any:
+        """The device allocation of tensor ``name`` (input, predictions or prototypes)."""
+        return self._dev[name]
+
+    def execute_on_device(self) -> None:
+        """Run on what is already in the input's device buffer; outputs stay on the device.
+        Call inside :meth:`active`."""
+        if self.io is None or self._context is None:
+            raise ModelError("engine is not loaded (call load() first)")
+        cuda = self._cuda
+        try:
+            if self._api == 10:
+                ok = self._context.execute_async_v3(self._stream.handle)
+            else:
+                bindings = [int(self._dev[t.name]) for t in self.io.tensors]
+                ok = self._context.execute_async_v2(bindings=bindings, stream_handle=self._stream.handle)
+            if not ok:
+                raise CudaError("TensorRT refused to enqueue the inference")
+            self._stream.synchronize()
+        except cuda.Error as e:
+            raise CudaError(f"inference failed on the GPU: {e}") from e
 
     def close(self) -> None:
         """Free in reverse order of creation: buffers, stream, context, engine, runtime, CUDA context."""

@@ -86,11 +86,19 @@ class AxisTaps:
 class GpuPreprocess:
     """Frame -> device input tensor ``(1, 3, H, W)`` float32, one kernel launch."""
 
-    def __init__(self, runner: KernelRunner, input_width: int, input_height: int, mapping: IntensityMapping) -> None:
+    def __init__(
+        self,
+        runner: KernelRunner,
+        input_width: int,
+        input_height: int,
+        mapping: IntensityMapping,
+        output: Any = None,
+    ) -> None:
         self.runner = runner
         self.input_width, self.input_height = input_width, input_height
         self.mapping = mapping
-        self.output = runner.zeros(3 * input_width * input_height, np.float32)  # allocated once
+        # The engine's own input buffer when given (no device-to-device copy), else one of ours.
+        self.output = output if output is not None else runner.zeros(3 * input_width * input_height, np.float32)
 
     def __call__(self, frame: Frame) -> tuple[Any, Letterbox]:
         pixels = frame.pixels

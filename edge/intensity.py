@@ -121,7 +121,9 @@ def lookup_table(image: npt.NDArray[Any], mapping: IntensityMapping | None = Non
     # A lookup table is both faster than float arithmetic on every pixel and exactly
     # reproducible on the GPU.
     levels = np.arange(65536, dtype=np.float32)
-    lut = np.clip(np.rint((levels - np.float32(low)) * np.float32(scale)), 0, 255).astype(np.uint8)
+    lut: npt.NDArray[np.uint8] = np.clip(np.rint((levels - np.float32(low)) * np.float32(scale)), 0, 255).astype(
+        np.uint8
+    )
     if scale == 0.0:
         lut[:] = 128
     return lut

@@ -216,9 +216,10 @@ class Postprocessor:
 
 def to_frame_boxes(boxes: npt.NDArray[np.float32], lb: Letterbox) -> npt.NDArray[np.float32]:
     """Input-pixel ``x0, y0, x1, y1`` -> frame pixels, clipped to the frame."""
-    frame_boxes = (boxes - np.array([lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y], np.float32)) / np.array(
-        [lb.scale_x, lb.scale_y, lb.scale_x, lb.scale_y], np.float32
-    )
+    frame_boxes: npt.NDArray[np.float32] = (
+        (boxes - np.array([lb.pad_x, lb.pad_y, lb.pad_x, lb.pad_y], np.float32))
+        / np.array([lb.scale_x, lb.scale_y, lb.scale_x, lb.scale_y], np.float32)
+    ).astype(np.float32)
     frame_boxes[:, [0, 2]] = np.clip(frame_boxes[:, [0, 2]], 0, lb.frame_width)
     frame_boxes[:, [1, 3]] = np.clip(frame_boxes[:, [1, 3]], 0, lb.frame_height)
     return frame_boxes

@@ -1,0 +1,77 @@
+"""One frame through the TensorRT engine with pre- and post-processing on the GPU.
+
+frame (host) -> upload -> letterbox kernel writes the engine's input buffer -> TensorRT ->
+postprocess kernels read the engine's output buffers -> boxes, scores, areas, covered pixels
+(and the cropped masks only when ``want_masks``) come back. The CPU path is
+:class:`cellseg.edge.predictor.Predictor`; both produce the same :class:`Measurement`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cellseg.edge.engine_tensorrt import TensorRTEngine
+from cellseg.edge.gpu_pipeline import GpuDetections, GpuPostprocess, GpuPreprocess, KernelRunner, PycudaRunner
+from cellseg.edge.model_info import PostprocessConfig
+from cellseg.edge.types import Detections, Frame, Measurement
+
+
+@dataclass(frozen=True)
+class GpuResult:
+    measurement: Measurement
+    detections: Detections | None  # None unless masks were asked for
+    gpu: GpuDetections
+
+
+class GpuPredictor:
+    def __init__(
+        self,
+        engine: TensorRTEngine,
+        config: PostprocessConfig | None = None,
+        pixel_size_um: float | None = None,
+        runner: KernelRunner | None = None,
+        want_masks: bool = False,
+    ) -> None:
+        if engine.io is None:
+            raise ValueError("load the engine before building a GpuPredictor")
+        self.engine = engine
+        self.config = config or engine.info.thresholds
+        self.pixel_size_um = pixel_size_um
+        self.want_masks = want_masks
+        with engine.active():
+            self.runner = runner or PycudaRunner()
+        io = engine.io
+        info = engine.info
+        self.preprocess = GpuPreprocess(self.runner, info.input_width, info.input_height, info.mapping,
+                                        output=engine.device_buffer(io.input.name))  # fmt: skip
+        self.postprocess = GpuPostprocess(self.runner, self.config)
+        self._pred = (engine.device_buffer(io.predictions.name), io.predictions.shape[1:])
+        self._proto = (engine.device_buffer(io.prototypes.name), io.prototypes.shape[1:])
+
+    def __call__(self, frame: Frame, want_masks: bool | None = None) -> GpuResult:
+        masks = self.want_masks if want_masks is None else want_masks
+        with self.engine.active():
+            t0 = time.perf_counter()
+            _, letterbox = self.preprocess(frame)
+            t1 = time.perf_counter()
+            self.engine.execute_on_device()
+            t2 = time.perf_counter()
+            pred, pred_shape = self._pred
+            proto, proto_shape = self._proto
+            det = self.postprocess(pred, proto, pred_shape, proto_shape, letterbox, want_masks=masks)  # type: ignore[arg-type]
+            t3 = time.perf_counter()
+        m = Measurement(
+            seq=frame.seq,
+            timestamp=frame.timestamp,
+            source=frame.source,
+            count=len(det.areas),
+            confluence_pct=100.0 * det.covered_pixels / (frame.width * frame.height),
+            areas_px=det.areas,
+            frame_width=frame.width,
+            frame_height=frame.height,
+            pixel_size_um=self.pixel_size_um,
+            latencies_ms={"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3},
+            engine_id=self.engine.engine_id,
+        )
+        return GpuResult(m, det.to_detections() if masks else None, det)
