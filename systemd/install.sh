@@ -27,7 +27,7 @@ python3 -m venv --system-site-packages "$prefix/venv"
 "$prefix/venv/bin/pip" install --quiet "$prefix/src[$extras]"
 ln -sf "$prefix/venv/bin/cellseg" /usr/local/bin/cellseg
 
-install -d -m 0750 -o root -g cellseg /etc/cellseg
+install -d -m 0750 -o root -g cellseg /etc/cellseg /etc/cellseg/trusted-keys
 if [ ! -f /etc/cellseg/cellseg.yaml ]; then
   install -m 0640 -o root -g cellseg "$repo/systemd/cellseg.yaml" /etc/cellseg/cellseg.yaml
 fi

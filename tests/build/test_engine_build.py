@@ -121,3 +121,30 @@ def test_a_tensorrt_bundle_carries_the_build_facts_and_a_cpu_device_refuses_it(
         make_bundle(shipped_model, tmp_path / "x.cellseg", signing_keys[0], reference, engine=plan,
                     engine_info=EngineBuildInfo.read(tmp_path / "other.json"))  # fmt: skip
     assert json.loads(plan.with_suffix(".json").read_text())["tensorrt_version"] == "10.3.0.30"
+
+
+def test_the_engine_is_chosen_by_the_bundle_and_the_backend_setting(
+    bundles: dict[str, Path], signing_keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The same config runs an ONNX bundle with ONNX Runtime, and a TensorRT bundle with the
+    TensorRT backend (which, on a machine without it, says exactly what is missing)."""
+    from cellseg.edge.bundle import parse_manifest
+    from cellseg.edge.engine_select import open_engine
+
+    settings = FlashSettings(load_trusted_keys([signing_keys[1]]), 1 << 30, DeviceFacts(onnxruntime="1.32"))
+    slot = flash_file(bundles["fp32"], SlotStore(tmp_path / "engines"), settings).slot
+    opened = open_engine(slot, "auto", threads=1)
+    assert opened.backend == "onnxruntime" and "onnxruntime (fp32) from slot" in opened.describe()
+    opened.engine.close()
+    with pytest.raises(ConfigError, match="is an ONNX model"):
+        open_engine(slot, "tensorrt")
+    # The slot rewritten as a TensorRT one (its manifest no longer verifies, but engine selection
+    # reads an installed slot, whose signature was checked when it was flashed).
+    manifest = json.loads((slot / "manifest.json").read_text())
+    manifest["engine"].update(kind="tensorrt", tensorrt_version="10.3.0", compute_capability="8.7")
+    (slot / "manifest.json").write_text(json.dumps(manifest))
+    assert parse_manifest((slot / "manifest.json").read_bytes()).engine.kind == "tensorrt"
+    with pytest.raises(DependencyError, match="tensorrt"):
+        open_engine(slot, "auto")
+    with pytest.raises(ConfigError, match="holds a TensorRT engine"):
+        open_engine(slot, "onnxruntime")
