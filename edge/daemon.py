@@ -187,15 +187,21 @@ class Daemon:
             conf=c.postprocess.conf, iou=c.postprocess.iou, max_det=c.postprocess.max_det
         )
         old = self._opened
-        if opened.backend == "tensorrt":
-            from cellseg.edge.engine_tensorrt import TensorRTEngine
-            from cellseg.edge.gpu_predictor import GpuPredictor
+        try:
+            if opened.backend == "tensorrt":
+                from cellseg.edge.engine_tensorrt import TensorRTEngine
 
-            assert isinstance(opened.engine, TensorRTEngine)
-            # Pre- and post-processing on the GPU; masks come back only for overlays.
-            self._predictor = GpuPredictor(opened.engine, thresholds, c.measurement.pixel_size_um)
-        else:
-            self._predictor = Predictor(opened.engine, thresholds, c.measurement.pixel_size_um)
+                assert isinstance(opened.engine, TensorRTEngine)
+                # Pre- and post-processing on the GPU; masks come back only for overlays.
+                predictor: Predictor | GpuPredictor = GpuPredictor(
+                    opened.engine, thresholds, c.measurement.pixel_size_um
+                )
+            else:
+                predictor = Predictor(opened.engine, thresholds, c.measurement.pixel_size_um)
+        except Exception as e:  # e.g. the CUDA kernels do not compile: keep what runs now
+            opened.engine.close()
+            raise ConfigError(f"cannot run {opened.path}: {type(e).__name__}: {e}") from e
+        self._predictor = predictor
         self._opened = opened
         self._active_target = target
         if old is not None:
@@ -210,7 +216,14 @@ class Daemon:
             request_id, outcome = None, None
         if isinstance(outcome, FlashResult):
             assert outcome.opened is not None
-            self._use(outcome.opened, store.active_target())
+            try:
+                self._use(outcome.opened, store.active_target())
+            except CellsegError as e:
+                outcome = f"flashed slot {outcome.slot.name} is active on disk but cannot run here: {e}"
+                self.last_error = outcome
+                logger.error("%s", outcome)
+        if isinstance(outcome, FlashResult):
+            assert outcome.opened is not None
             self.last_flash = {"ok": True, "slot": outcome.slot.name, "bundle": outcome.manifest.name}
             if publisher is not None:
                 publisher.publish_reply(
