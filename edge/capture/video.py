@@ -101,11 +101,11 @@ class LiveSource:
 
     def _open(self, cv2: Any) -> Any:
         if self.gstreamer:
-            if not _has_gstreamer(cv2):
-                raise DependencyError(
-                    "OpenCV with GStreamer", "edge", f"the {self.name} pipeline (use JetPack's OpenCV)"
-                )
-            return cv2.VideoCapture(str(self.target), cv2.CAP_GSTREAMER)
+            if _has_gstreamer(cv2):  # JetPack's OpenCV
+                return cv2.VideoCapture(str(self.target), cv2.CAP_GSTREAMER)
+            from cellseg.edge.capture.gstreamer import GstCapture
+
+            return GstCapture(str(self.target))  # pip's OpenCV has no GStreamer: PyGObject
         return cv2.VideoCapture(self.target)
 
     def _reader(self) -> None:
@@ -114,7 +114,7 @@ class LiveSource:
         while not self._stop.is_set():
             try:
                 capture = self._open(cv2)
-            except DependencyError as e:
+            except (DependencyError, ConfigError) as e:  # retrying cannot help: say so and end
                 self.last_error = str(e)
                 logger.error("%s", e)
                 return
@@ -127,7 +127,13 @@ class LiveSource:
             logger.info("%s: opened", self.name)
             backoff = 1.0
             while not self._stop.is_set():
-                ok, image = capture.read()
+                try:
+                    ok, image = capture.read()
+                except ConfigError as e:  # e.g. a pipeline delivering a pixel format we cannot take
+                    self.last_error = f"{self.name}: {e}"
+                    logger.error("%s", self.last_error)
+                    capture.release()
+                    return
                 if not ok:
                     self.last_error = f"{self.name}: stopped delivering frames; reconnecting"
                     logger.warning("%s", self.last_error)
