@@ -234,7 +234,6 @@ def validate_engine(plan: Path, onnx_path: Path, report: BuildReport, frames: li
     """Run the built engine and the ONNX model on the same frames through the device pipeline;
     the result goes into the plan's report. Needs the GPU the plan was built on."""
     import dataclasses
-    import json as _json
 
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
     from cellseg.edge.engine_tensorrt import TensorRTEngine
@@ -267,5 +266,4 @@ def validate_engine(plan: Path, onnx_path: Path, report: BuildReport, frames: li
     }
     updated = dataclasses.replace(report, validation=validation)
     updated.write(plan.with_suffix(".json"))
-    _json.dumps(validation)  # fail here, not later, if anything is not JSON-ready
     return validation

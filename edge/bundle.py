@@ -290,6 +290,8 @@ def _write_synced(path: Path, data: bytes, fsync: bool) -> None:
 
 def check_files(folder: Path, manifest: Manifest) -> None:
     """Every listed file in ``folder`` has its manifest size and hash (an installed slot's check)."""
+    from cellseg.edge.engine_onnxruntime import file_sha256
+
     for name, entry in manifest.files.items():
         p = folder / name
         try:
@@ -298,9 +300,5 @@ def check_files(folder: Path, manifest: Manifest) -> None:
             raise BundleError(f"{p}: missing ({e.strerror})") from e
         if size != entry.size:
             raise BundleError(f"{p}: {size} bytes, the manifest says {entry.size}")
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        if h.hexdigest() != entry.sha256:
+        if file_sha256(p) != entry.sha256:
             raise BundleError(f"{p}: does not match its sha256 in the manifest")

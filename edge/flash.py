@@ -57,14 +57,6 @@ class FlashResult:
     opened: OpenedEngine | None = field(default=None, repr=False)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(url: str, sha256: str | None, dest: Path, max_bytes: int) -> Path:
     """Download (or copy) ``url`` to ``dest``, refusing more than ``max_bytes`` or a hash mismatch."""
     scheme = urllib.parse.urlsplit(url).scheme or "file"
