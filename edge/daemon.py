@@ -330,13 +330,11 @@ class Daemon:
         predictor = self._predictor
         assert predictor is not None
         precision = predictor.engine.precision
+        overlay = self.config.overlay
+        # Decided before measuring: the GPU predictor copies masks back only for overlay frames.
+        overlay_due = overlay.dir is not None and (self.measured + 1) % overlay.every_n == 0
         try:
-            overlay_due = self.config.overlay.dir is not None and (self.measured + 1) % self.config.overlay.every_n == 0
-            result = (
-                predictor(sf.frame, want_masks=overlay_due)
-                if isinstance(predictor, GpuPredictor)
-                else predictor(sf.frame)
-            )
+            result = predictor(sf.frame, want_masks=overlay_due)
         except CellsegError as e:
             self.last_error = f"{sf.frame.source}: {e}"
             logger.error("%s", self.last_error)
@@ -370,8 +368,7 @@ class Daemon:
             publisher.publish_retained("confluence", f"{record['confluence_pct']:.4f}")
             if self.measured % 10 == 1:
                 self._publish_state(publisher, spool)
-        overlay = self.config.overlay
-        if overlay.dir is not None and self.measured % overlay.every_n == 0:
+        if overlay_due and overlay.dir is not None:
             import cv2
 
             overlay.dir.mkdir(parents=True, exist_ok=True)
@@ -418,7 +415,7 @@ class Daemon:
             return
         frame, result, seq = self._last
         detections = result.detections
-        if detections is None and isinstance(predictor, GpuPredictor):  # masks stayed on the GPU: run it again
+        if detections is None:  # the masks stayed on the GPU: run the frame again for them
             detections = predictor(frame, want_masks=True).detections
         picture = draw_overlay(frame, detections, result.measurement, predictor.engine.info.mapping)
         ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, request.quality])

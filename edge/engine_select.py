@@ -40,6 +40,18 @@ def read_slot_manifest(slot: Path) -> Manifest:
     return parse_manifest(data)
 
 
+def check_backend(kind: str, backend: str, where: object) -> str:
+    """The backend that runs an engine of ``kind`` (``onnx``/``tensorrt``); ConfigError when the
+    config's ``engine.backend`` asks for the other one."""
+    if kind == "onnx":
+        if backend == "tensorrt":
+            raise ConfigError(f"engine.backend is 'tensorrt' but {where} is an ONNX model; build a TensorRT bundle")
+        return "onnxruntime"
+    if backend == "onnxruntime":
+        raise ConfigError(f"engine.backend is 'onnxruntime' but {where} holds a TensorRT engine")
+    return "tensorrt"
+
+
 def open_engine(path: Path, backend: str = "auto", threads: int | None = None) -> OpenedEngine:
     """Load the engine at ``path`` and warm it up.
 
@@ -61,20 +73,15 @@ def open_engine(path: Path, backend: str = "auto", threads: int | None = None) -
         kind, model_file = "onnx", path
     else:
         raise ModelError(f"{path}: no such model file or engine slot")
-    if kind == "onnx":
-        if backend == "tensorrt":
-            raise ConfigError(f"engine.backend is 'tensorrt' but {path} is an ONNX model; build a TensorRT bundle")
+    name = check_backend(kind, backend, path)
+    if name == "onnxruntime":
         engine: Engine = OnnxRuntimeEngine(model_file, threads=threads)
-        name = "onnxruntime"
     else:
-        if backend == "onnxruntime":
-            raise ConfigError(f"engine.backend is 'onnxruntime' but {path} holds a TensorRT engine")
         assert manifest is not None
         from cellseg.edge.engine_tensorrt import TensorRTEngine
 
         info = ModelInfo.from_metadata({CELLSEG_METADATA_KEY: json.dumps(manifest.model)}, path)
         engine = TensorRTEngine(model_file, info, precision=manifest.engine.precision)
-        name = "tensorrt"
     engine.load()
     try:
         engine.warmup()

@@ -28,7 +28,8 @@ import numpy as np
 from cellseg.edge.bundle import BundleError, Manifest, extract_verified, load_trusted_keys, open_bundle
 from cellseg.edge.config import Config
 from cellseg.edge.device import DeviceFacts, check_compatible
-from cellseg.edge.engine_select import OpenedEngine, open_engine
+from cellseg.edge.engine_select import OpenedEngine, check_backend, open_engine
+from cellseg.edge.errors import ConfigError
 from cellseg.edge.imageio import read_image
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.slots import SlotStore
@@ -151,8 +152,10 @@ def install(bundle_path: Path, store: SlotStore, settings: FlashSettings, keep_e
     verified = open_bundle(bundle_path, settings.trusted_keys)
     manifest = verified.manifest
     check_compatible(manifest.engine, settings.facts)
-    if settings.backend != "auto" and {"onnx": "onnxruntime"}.get(manifest.engine.kind, "tensorrt") != settings.backend:
-        raise BundleError(f"bundle holds a {manifest.engine.kind} engine but engine.backend is '{settings.backend}'")
+    try:  # before unpacking anything: the same rule open_engine applies
+        check_backend(manifest.engine.kind, settings.backend, f"bundle {manifest.name}")
+    except ConfigError as e:
+        raise BundleError(str(e)) from e
     partial = store.new_partial()
     try:
         extract_verified(verified, partial)

@@ -192,11 +192,8 @@ class GpuPostprocess:
         r.launch("filter_candidates", (_blocks(anchors), 1, 1), (BLOCK, 1, 1), predictions, anchors, nc,
                  np.float32(cfg.conf), anchors, count, index, score, klass)  # fmt: skip
         n = int(r.download(count, 1, np.int32)[0])
-        empty = GpuDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32),
-                              np.zeros(0, np.int64), 0, np.zeros((0, 2), np.int32), [] if want_masks else None,
-                              lb.frame_width, lb.frame_height)  # fmt: skip
         if n == 0:
-            return empty
+            return self._empty(lb, want_masks)
         idx = r.download(index, n, np.int32)
         sc = r.download(score, n, np.float32)
         cl = r.download(klass, n, np.int32)
@@ -216,7 +213,7 @@ class GpuPostprocess:
         spans = [pixel_span(b, lb) for b in frame_boxes.tolist()]
         rows_kept = [i for i, (c0, c1, r0, r1) in enumerate(spans) if c1 > c0 and r1 > r0]
         if not rows_kept:
-            return empty
+            return self._empty(lb, want_masks)
         keep = np.asarray(rows_kept, dtype=np.intp)
         anchors_kept = idx[kept][keep]
         x_first, x_w, y_first, y_w, taps, resampler = self._geometry(lb, ph, pw)
@@ -275,6 +272,12 @@ class GpuPostprocess:
             frame_width=lb.frame_width,
             frame_height=lb.frame_height,
         )
+
+    @staticmethod
+    def _empty(lb: Letterbox, want_masks: bool) -> GpuDetections:
+        return GpuDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32),
+                             np.zeros(0, np.int64), 0, np.zeros((0, 2), np.int32), [] if want_masks else None,
+                             lb.frame_width, lb.frame_height)  # fmt: skip
 
     def _gather(self, predictions: Any, anchors: int, row0: int, rows: int, idx: npt.NDArray[Any]) -> Any:
         r = self.runner

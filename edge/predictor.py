@@ -36,7 +36,11 @@ class Predictor:
         self.postprocessor = Postprocessor(self.config)
         self.preprocessor = Preprocessor(engine.info.input_width, engine.info.input_height, engine.info.mapping)
 
-    def __call__(self, frame: Frame, extra_latencies_ms: dict[str, float] | None = None) -> Result:
+    def __call__(
+        self, frame: Frame, extra_latencies_ms: dict[str, float] | None = None, *, want_masks: bool = True
+    ) -> Result:
+        """``want_masks`` is accepted for parity with the GPU predictor; on the CPU the masks are
+        always computed (areas and confluence come from them) and returned."""
         t0 = time.perf_counter()
         tensor, letterbox = self.preprocessor(frame)
         t1 = time.perf_counter()
