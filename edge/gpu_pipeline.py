@@ -29,7 +29,7 @@ from cellseg.edge.postprocess import (
     AxisResampler,
     MaskResampler,
     nms,
-    pixel_span,
+    pixel_spans,
     to_frame_boxes,
 )
 from cellseg.edge.preprocess import letterbox_geometry
@@ -210,40 +210,37 @@ class GpuPostprocess:
         boxes[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
         kept = nms(boxes + (cl.astype(np.float32) * _CLASS_OFFSET)[:, None], sc, cfg.iou, cfg.max_det)
         frame_boxes = to_frame_boxes(boxes[kept], lb)
-        spans = [pixel_span(b, lb) for b in frame_boxes.tolist()]
-        rows_kept = [i for i, (c0, c1, r0, r1) in enumerate(spans) if c1 > c0 and r1 > r0]
-        if not rows_kept:
+        spans = pixel_spans(frame_boxes, lb)
+        keep = np.flatnonzero((spans[:, 1] > spans[:, 0]) & (spans[:, 3] > spans[:, 2]))
+        if keep.size == 0:
             return self._empty(lb, want_masks)
-        keep = np.asarray(rows_kept, dtype=np.intp)
         anchors_kept = idx[kept][keep]
         x_first, x_w, y_first, y_w, taps, resampler = self._geometry(lb, ph, pw)
-        windows, box_px, offsets, mask_offsets = [], [], [0], [0]
-        for i in rows_kept:
-            c0, c1, r0, r1 = spans[i]
-            px0, px1, _ = resampler.x.window(c0, c1)
-            py0, py1, _ = resampler.y.window(r0, r1)
-            windows.append((px0, px1, py0, py1))
-            box_px.append((c0, c1, r0, r1))
-            offsets.append(offsets[-1] + (px1 - px0) * (py1 - py0))
-            mask_offsets.append(mask_offsets[-1] + (c1 - c0) * (r1 - r0))
-        k = len(rows_kept)
+        box_px = spans[keep]  # c0, c1, r0, r1
+        px0, px1 = resampler.x.windows(box_px[:, 0], box_px[:, 1])
+        py0, py1 = resampler.y.windows(box_px[:, 2], box_px[:, 3])
+        windows = np.stack([px0, px1, py0, py1], axis=1)
+        offsets = np.concatenate([[0], np.cumsum((px1 - px0) * (py1 - py0))])
+        mask_sizes = (box_px[:, 1] - box_px[:, 0]) * (box_px[:, 3] - box_px[:, 2])
+        mask_offsets = np.concatenate([[0], np.cumsum(mask_sizes)])
+        k = int(keep.size)
         coefs = r.zeros(k * nm, np.float32)
         idx_dev = r.upload(anchors_kept.astype(np.int32))
         r.launch("gather_columns", (_blocks(k * nm), 1, 1), (BLOCK, 1, 1), predictions, anchors, 4 + nc, nm,
                  idx_dev, k, coefs)  # fmt: skip
-        win_dev = r.upload(np.asarray(windows, np.int32).ravel())
-        off_dev = r.upload(np.asarray(offsets[:-1], np.int32))
-        logits = r.zeros(offsets[-1], np.float32)
-        widest = max(w[1] - w[0] for w in windows) * max(w[3] - w[2] for w in windows)
+        win_dev = r.upload(windows.astype(np.int32).ravel())
+        off_dev = r.upload(offsets[:-1].astype(np.int32))
+        logits = r.zeros(int(offsets[-1]), np.float32)
+        widest = int((px1 - px0).max() * (py1 - py0).max())
         r.launch("proto_logits", (_blocks(widest), k, 1), (BLOCK, 1, 1), prototypes, nm, ph, pw, coefs, win_dev,
                  off_dev, logits)  # fmt: skip
-        masks = r.zeros(mask_offsets[-1], np.uint8)
+        masks = r.zeros(int(mask_offsets[-1]), np.uint8)
         union = r.zeros(lb.frame_width * lb.frame_height, np.uint8)
         areas = r.zeros(k, np.int32)
-        largest = max((b[1] - b[0]) * (b[3] - b[2]) for b in box_px)
+        largest = int(mask_sizes.max())
         logit_threshold = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
         r.launch("assemble_masks", (_blocks(largest), k, 1), (BLOCK, 1, 1), logits, win_dev, off_dev,
-                 r.upload(np.asarray(box_px, np.int32).ravel()), r.upload(np.asarray(mask_offsets[:-1], np.int32)),
+                 r.upload(box_px.astype(np.int32).ravel()), r.upload(mask_offsets[:-1].astype(np.int32)),
                  x_first, x_w, y_first, y_w, taps, np.float32(logit_threshold), lb.frame_width, masks, union,
                  areas)  # fmt: skip
         total = r.zeros(1, np.uint32)
@@ -255,10 +252,10 @@ class GpuPostprocess:
         alive = np.flatnonzero(area > 0)
         out_masks = None
         if want_masks:
-            flat = r.download(masks, mask_offsets[-1], np.uint8).astype(bool)
+            flat = r.download(masks, int(mask_offsets[-1]), np.uint8).astype(bool)
             out_masks = []
             for j in alive.tolist():
-                c0, c1, r0, r1 = box_px[j]
+                c0, c1, r0, r1 = box_px[j].tolist()
                 out_masks.append(flat[mask_offsets[j] : mask_offsets[j + 1]].reshape(r1 - r0, c1 - c0))
         sel = keep[alive]
         return GpuDetections(
@@ -267,7 +264,7 @@ class GpuPostprocess:
             class_ids=cl[kept][sel].astype(np.int32),
             areas=area[alive],
             covered_pixels=covered,
-            mask_origins=np.asarray([(box_px[j][0], box_px[j][2]) for j in alive.tolist()], np.int32).reshape(-1, 2),
+            mask_origins=box_px[alive][:, [0, 2]].astype(np.int32),
             masks=out_masks,
             frame_width=lb.frame_width,
             frame_height=lb.frame_height,

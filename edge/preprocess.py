@@ -33,25 +33,23 @@ def letterbox_geometry(frame_width: int, frame_height: int, input_width: int, in
     )
 
 
-def letterbox_image(image: npt.NDArray[np.uint8], geometry: Letterbox) -> npt.NDArray[np.uint8]:
-    """Resize (bilinear) and pad an 8-bit ``(H, W)`` or ``(H, W, C)`` image to the input size."""
+def resize_to_fit(image: npt.NDArray[np.uint8], geometry: Letterbox) -> npt.NDArray[np.uint8]:
+    """The 8-bit ``(H, W)`` or ``(H, W, C)`` frame resized (bilinear) to the letterbox's content size."""
     import cv2
 
     g = geometry
-    if (g.resized_width, g.resized_height) != (g.frame_width, g.frame_height):
-        image = np.asarray(
-            cv2.resize(image, (g.resized_width, g.resized_height), interpolation=cv2.INTER_LINEAR), dtype=np.uint8
-        )
-    shape = (g.input_height, g.input_width, *image.shape[2:])
-    out = np.full(shape, PAD_VALUE, dtype=np.uint8)
-    out[g.pad_y : g.pad_y + g.resized_height, g.pad_x : g.pad_x + g.resized_width] = image
-    return out
+    if (g.resized_width, g.resized_height) == (g.frame_width, g.frame_height):
+        return image
+    return np.asarray(cv2.resize(image, (g.resized_width, g.resized_height), interpolation=cv2.INTER_LINEAR),
+                      dtype=np.uint8)  # fmt: skip
 
 
 class Preprocessor:
     """Turns frames into ``(1, 3, H, W)`` float32 engine input, reusing one input buffer.
 
     The returned array is the preprocessor's own buffer: it is overwritten by the next call.
+    The padding is written once per letterbox geometry (a camera's frames all share one) and
+    each frame fills only the content, so a frame costs its own pixels and nothing more.
     """
 
     def __init__(self, input_width: int, input_height: int, mapping: IntensityMapping | None = None) -> None:
@@ -59,18 +57,22 @@ class Preprocessor:
         self.input_height = input_height
         self.mapping = mapping or IntensityMapping()
         self._buffer = np.empty((1, 3, input_height, input_width), dtype=np.float32)
+        self._padded_for: Letterbox | None = None
 
     def __call__(self, frame: Frame) -> tuple[npt.NDArray[np.float32], Letterbox]:
-        geometry = letterbox_geometry(frame.width, frame.height, self.input_width, self.input_height)
-        image8 = to_uint8(frame.pixels, self.mapping)
-        boxed = letterbox_image(image8, geometry)
-        scale = np.float32(1.0 / 255.0)
-        if boxed.ndim == 2:
+        g = letterbox_geometry(frame.width, frame.height, self.input_width, self.input_height)
+        scale = np.float32(1.0 / 255.0)  # multiplied, not divided: the CUDA kernel's rounding exactly
+        if g != self._padded_for:
+            self._buffer.fill(np.float32(PAD_VALUE) * scale)
+            self._padded_for = g
+        content = resize_to_fit(to_uint8(frame.pixels, self.mapping), g)
+        planes = self._buffer[0, :, g.pad_y : g.pad_y + g.resized_height, g.pad_x : g.pad_x + g.resized_width]
+        if content.ndim == 2:
             # Grey: one channel scaled once, copied into R, G and B.
-            np.multiply(boxed, scale, out=self._buffer[0, 0], casting="unsafe")
-            self._buffer[0, 1] = self._buffer[0, 0]
-            self._buffer[0, 2] = self._buffer[0, 0]
+            np.multiply(content, scale, out=planes[0], casting="unsafe")
+            planes[1] = planes[0]
+            planes[2] = planes[0]
         else:
             for dst, src in enumerate((2, 1, 0)):  # BGR -> RGB
-                np.multiply(boxed[:, :, src], scale, out=self._buffer[0, dst], casting="unsafe")
-        return self._buffer, geometry
+                np.multiply(content[:, :, src], scale, out=planes[dst], casting="unsafe")
+        return self._buffer, g

@@ -7,7 +7,7 @@ import pytest
 
 from cellseg.edge.errors import ConfigError, FrameError
 from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import IntensityMapping, sample_stride, stretch_limits, to_uint8
+from cellseg.edge.intensity import IntensityMapping, lookup_table, sample_stride, stretch, stretch_limits, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,28 @@ def test_histogram_limits_equal_numpy_percentile(frame16: np.ndarray) -> None:
             stride = sample_stride(image.shape[0], image.shape[1], mapping.max_samples)
             expected = np.percentile(image[::stride, ::stride], [low, high])
             np.testing.assert_allclose(stretch_limits(image, mapping), expected, rtol=0, atol=1e-9)
+
+
+def test_the_lookup_table_reproduces_the_mapping_bit_for_bit(data_root: Path, frame16: np.ndarray) -> None:
+    """The CUDA kernel maps through ``lookup_table``, the CPU through OpenCV: the same bytes, on
+    real frames, odd crops (row tails), three-channel frames and a 12-bit camera's frames."""
+    frames = [read_image(p) for p in sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))[:4]]
+    frames += [frame16, frame16[3:520, 5:338], (frame16 >> 4).astype(np.uint16)]
+    frames.append(np.dstack([frame16, frame16 // 2, frame16 // 3])[:333, :517])
+    for image in frames:
+        assert image.dtype == np.uint16
+        table = lookup_table(image)
+        assert table.shape == (65536,) and table.dtype == np.uint8
+        np.testing.assert_array_equal(to_uint8(image), table[image])
+
+
+def test_the_stretch_is_the_percentiles_with_a_whole_level_offset(frame16: np.ndarray) -> None:
+    low, high = stretch_limits(frame16, IntensityMapping())
+    offset, scale = stretch(frame16, IntensityMapping())
+    assert offset == int(low) and scale == pytest.approx(255.0 / (high - offset))
+    table = lookup_table(frame16).astype(int)
+    levels = np.arange(65536)
+    assert (table[levels <= offset] == 0).all() and (table[levels >= high] == 255).all()
+    # Between the limits: the affine stretch, rounded to the nearest level.
+    inside = (levels > offset) & (levels < high)
+    assert np.abs(table[inside] - (levels[inside] - low) * 255.0 / (high - low)).max() <= 0.51

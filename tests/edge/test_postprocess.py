@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from cellseg.edge.engine import RawOutputs
 from cellseg.edge.measure import measure
-from cellseg.edge.postprocess import PostprocessConfig, nms, postprocess
+from cellseg.edge.postprocess import (
+    MaskResampler,
+    PostprocessConfig,
+    nms,
+    pixel_spans,
+    postprocess,
+    size_groups,
+    to_frame_boxes,
+)
 from cellseg.edge.preprocess import letterbox_geometry
-from cellseg.edge.types import Frame
+from cellseg.edge.types import Frame, Letterbox
 
 
 def _raw(dets: list[tuple[float, float, float, float, list[float], float]], nc: int = 1, size: int = 64) -> RawOutputs:
@@ -79,10 +89,13 @@ def test_empty_frame() -> None:
     assert (m.count, m.confluence_pct, m.areas_px.shape) == (0, 0.0, (0,))
 
 
-def test_a_detection_without_mask_pixels_is_not_a_cell() -> None:
+@pytest.mark.parametrize("mask_threshold", [0.5, 0.3])
+def test_a_detection_without_mask_pixels_is_not_a_cell(mask_threshold: float) -> None:
+    # The empty one is smaller than its neighbour: batched together, it is padded to its size,
+    # and the padding must not count as mask pixels (nor, below 0.5, pass the threshold).
     g = letterbox_geometry(64, 64, 64, 64)
-    raw = _raw([(20, 20, 10, 10, [0.9], -10.0), (40, 40, 10, 10, [0.8], 10.0)])
-    det = postprocess(raw, g, PostprocessConfig(conf=0.25))
+    raw = _raw([(20, 20, 8, 8, [0.9], -10.0), (40, 40, 12, 12, [0.8], 10.0)])
+    det = postprocess(raw, g, PostprocessConfig(conf=0.25, mask_threshold=mask_threshold))
     assert len(det) == 1 and det.scores[0] == pytest.approx(0.8) and det.masks[0].all()
 
 
@@ -109,17 +122,88 @@ def test_max_det_into_the_thousands() -> None:
     assert np.all(np.diff(det.scores) <= 0)
 
 
-@pytest.mark.parametrize("max_keep", [10_000, 50])
-def test_both_nms_strategies_keep_the_same_boxes(monkeypatch: pytest.MonkeyPatch, max_keep: int) -> None:
-    """Up to 2048 candidates NMS uses an overlap matrix, beyond that a shrinking loop: same answer."""
-    import cellseg.edge.postprocess as module
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """NMS as the definition reads, one pair at a time."""
 
-    grid = np.stack(np.meshgrid(np.arange(0, 600, 12.0), np.arange(0, 600, 12.0)), -1).reshape(-1, 2)
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
+
+    kept: list[int] = []
+    for i in sorted(range(len(boxes)), key=lambda k: (-scores[k], k)):
+        if all(iou(boxes[i], boxes[k]) <= iou_threshold for k in kept):
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("max_keep", [10_000, 50])
+def test_nms_is_the_greedy_definition_on_a_dense_grid_with_ties(max_keep: int) -> None:
+    grid = np.stack(np.meshgrid(np.arange(0, 300, 12.0), np.arange(0, 300, 12.0)), -1).reshape(-1, 2)
     boxes = np.concatenate([grid, grid + 20.0], axis=1).astype(np.float32)  # neighbours overlap by 8/20
     boxes = np.concatenate([boxes, boxes + 3.0])  # and each has a shifted twin (IoU 0.57)
-    scores = np.linspace(1.0, 0.01, len(boxes), dtype=np.float32)[::-1].copy()
-    matrix = nms(boxes, scores, 0.5, max_keep)
-    monkeypatch.setattr(module, "_NMS_MATRIX_LIMIT", 0)
-    shrinking = nms(boxes, scores, 0.5, max_keep)
-    np.testing.assert_array_equal(matrix, shrinking)
-    assert 0 < len(matrix) < len(boxes)
+    scores = np.round(np.random.default_rng(3).uniform(0.3, 1.0, len(boxes)), 2).astype(np.float32)  # many ties
+    want = _greedy_nms(boxes, scores, 0.5)[:max_keep]
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5, max_keep), want)
+    assert 0 < len(want) < len(boxes)
+    assert len(nms(boxes[:0], scores[:0], 0.5, max_keep)) == 0
+
+
+def test_size_groups_keep_a_giant_clump_apart_and_batches_small() -> None:
+    sides = np.array([30, 31, 400, 29, 45, 60, 33, 2, 44], dtype=np.intp)
+    groups = size_groups(sides, growth=1.5, slack=8, budget=3 * 45 * 45)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(sides)))  # each once
+    for g in groups:
+        s = sides[g]
+        assert s.max() <= s.min() * 1.5 + 8
+        assert len(g) == 1 or len(g) * int(s.max()) ** 2 <= 3 * 45 * 45
+    assert [2] in [g.tolist() for g in groups]  # the clump alone: nobody is padded to 400 px
+
+
+@pytest.fixture(scope="module")
+def real_outputs(usiigaci: Path, shipped_model: Path) -> list[tuple[RawOutputs, Letterbox]]:
+    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+    from cellseg.edge.imageio import read_image
+    from cellseg.edge.preprocess import Preprocessor
+
+    frame = read_image(usiigaci / "val" / "set48" / "raw.tif")
+    out = []
+    with OnnxRuntimeEngine(shipped_model, threads=2) as engine:
+        pre = Preprocessor(engine.info.input_width, engine.info.input_height, engine.info.mapping)
+        # The whole frame, and an odd crop whose cells are cut by every edge of the frame.
+        for pixels in (frame, frame[301:818, 207:540]):
+            tensor, lb = pre(Frame(pixels))
+            raw = engine.infer(tensor)
+            out.append((RawOutputs(raw.predictions.copy(), raw.prototypes.copy()), lb))
+    return out
+
+
+@pytest.mark.parametrize(("conf", "mask_threshold"), [(0.25, 0.5), (0.01, 0.3), (0.25, 0.7)])
+def test_batched_masks_equal_each_cell_resampled_from_the_whole_prototype_plane(
+    real_outputs: list[tuple[RawOutputs, Letterbox]], conf: float, mask_threshold: float
+) -> None:
+    """The batched, windowed assembly against the plainest formula: every cell's logits over the
+    whole 160x160 prototype plane, resampled to its pixels with the full weight matrices."""
+    config = PostprocessConfig(conf=conf, mask_threshold=mask_threshold, max_det=3000)
+    threshold = np.log(mask_threshold / (1 - mask_threshold))
+    for raw, lb in real_outputs:
+        det = postprocess(raw, lb, config)
+        resampler = MaskResampler.build(lb, *raw.prototypes.shape[1:])
+        assert len(det) > 20
+        spans = pixel_spans(det.boxes, lb)
+        # Each detection's anchor: the one with its score and its box.
+        xywh = raw.predictions[:4].T
+        boxes = to_frame_boxes(np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1), lb)
+        anchors = [int(np.flatnonzero((raw.predictions[4] == s) & np.all(np.abs(boxes - b) < 1e-3, axis=1))[0])
+                   for s, b in zip(det.scores, det.boxes, strict=True)]  # fmt: skip
+        coefs = raw.predictions[5:, anchors].T
+        mismatched = total = 0
+        for (c0, c1, r0, r1), coef, origin, mask in zip(spans, coefs, det.mask_origins, det.masks, strict=True):
+            plane = np.tensordot(coef, raw.prototypes, axes=1)
+            want = resampler.y.weights[r0:r1] @ plane @ resampler.x.weights[c0:c1].T > threshold
+            assert tuple(origin) == (c0, r0) and mask.shape == want.shape
+            mismatched += int((mask != want).sum())
+            total += want.size
+        # Sums over other windows may round a logit sitting on the threshold the other way.
+        assert mismatched <= 1e-5 * total, (mismatched, total)
