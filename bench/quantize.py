@@ -5,12 +5,17 @@ split), runs the accuracy gate on the val split, then times both models through 
 pipeline (``cellseg bench``'s code) on the real 16-bit Usiigaci val frames, interleaved run by
 run so that both see the same machine state. Prints a table; asserts nothing.
 
-    python bench/quantize.py [--model M.onnx] [--runs 5] [--threads 2]
+    python bench/quantize.py [--model M.onnx] [--runs 5] [--threads 2] [--ops]
+
+``--ops`` adds where the inference time goes: ONNX Runtime's own profiler over the same frames,
+summed per operator type for each model (profiling adds its own overhead to every node).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import sys
 import tempfile
@@ -26,6 +31,36 @@ from cellseg.cli import default_model  # noqa: E402  (after the BLAS setting abo
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
 
 
+def op_profile(model: Path, tensors: list, threads: int, runs: int) -> dict[str, float]:  # type: ignore[type-arg]
+    """Milliseconds per inference spent in each operator type, from ONNX Runtime's profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="cellseg-ops-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ops")
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for _ in range(runs):
+            for x in tensors:
+                session.run(None, {name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e3
+    return {op: ms / (runs * len(tensors)) for op, ms in per_op.most_common()}
+
+
+def print_op_table(profiles: dict[str, dict[str, float]], top: int = 12) -> None:
+    for name, ops in profiles.items():
+        total = sum(ops.values())
+        print(f"{name}: {total:.1f} ms per inference in operators (profiled)")
+        for op, ms in list(ops.items())[:top]:
+            print(f"  {op:<24}{ms:>8.2f} ms{100 * ms / total:>7.1f}%")
+
+
 def main() -> int:
     from cellseg.build.gate import run_gate
     from cellseg.build.quantize import choose_calibration_images, quantize
@@ -38,7 +73,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA / "usiigaci")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ops", action="store_true", help="also profile both models per operator type")
     args = parser.parse_args()
+    profiles: dict[str, dict[str, float]] = {}
 
     with tempfile.TemporaryDirectory(prefix="cellseg-bench-") as tmp:
         dataset = Path(tmp) / "ds"
@@ -59,6 +96,15 @@ def main() -> int:
         for _ in range(args.runs):  # interleaved, one pass each per round
             for name, engine in engines.items():
                 reports[name].append(run_bench(engine, frames, runs=1, warmup=1))
+        if args.ops:
+            from cellseg.edge.imageio import read_image
+            from cellseg.edge.preprocess import Preprocessor
+            from cellseg.edge.types import Frame
+
+            info = engines["fp32"].info
+            pre = Preprocessor(info.input_width, info.input_height, info.mapping)
+            tensors = [pre(Frame(read_image(f)))[0].copy() for f in frames]
+            profiles = {name: op_profile(e.path, tensors, args.threads, 2) for name, e in engines.items()}
         for e in engines.values():
             e.close()
 
@@ -78,6 +124,9 @@ def main() -> int:
           f"end to end {med('int8', 'images_per_s') / med('fp32', 'images_per_s'):.2f}x")  # fmt: skip
     print()
     print(gate.format())
+    if profiles:
+        print()
+        print_op_table(profiles)
     return 0
 
 
