@@ -84,7 +84,8 @@ class AxisTaps:
 
 
 class GpuPreprocess:
-    """Frame -> device input tensor ``(1, 3, H, W)`` float32, one kernel launch."""
+    """Frame -> device input tensor ``(1, 3, H, W)``, float32 or float16 (an engine built with an
+    FP16 input), one kernel launch."""
 
     def __init__(
         self,
@@ -92,13 +93,21 @@ class GpuPreprocess:
         input_width: int,
         input_height: int,
         mapping: IntensityMapping,
+        *,
         output: Any = None,
+        dtype: npt.DTypeLike = np.float32,
     ) -> None:
         self.runner = runner
         self.input_width, self.input_height = input_width, input_height
         self.mapping = mapping
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float16):
+            raise ValueError(f"the preprocess kernel writes float32 or float16 input, not {self.dtype}")
+        # float16 is written as its bits: the kernel's buffer is unsigned short.
+        self._kernel, buffer_dtype = ("letterbox", np.float32) if self.dtype == np.float32 else \
+            ("letterbox_half", np.uint16)  # fmt: skip
         # The engine's own input buffer when given (no device-to-device copy), else one of ours.
-        self.output = output if output is not None else runner.zeros(3 * input_width * input_height, np.float32)
+        self.output = output if output is not None else runner.zeros(3 * input_width * input_height, buffer_dtype)
 
     def __call__(self, frame: Frame) -> tuple[Any, Letterbox]:
         pixels = frame.pixels
@@ -113,7 +122,7 @@ class GpuPreprocess:
             img8, img16, lut = self.runner.upload(pixels), None, None
         grid = (_blocks(self.input_width, 16), _blocks(self.input_height, 16), 1)
         self.runner.launch(
-            "letterbox", grid, (16, 16, 1), img8, img16, lut, frame.width, frame.height, channels,
+            self._kernel, grid, (16, 16, 1), img8, img16, lut, frame.width, frame.height, channels,
             g.resized_width, g.resized_height, g.pad_x, g.pad_y, self.input_width, self.input_height, self.output,
         )  # fmt: skip
         return self.output, g

@@ -11,10 +11,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from cellseg.edge.engine_tensorrt import TensorRTEngine
+from cellseg.edge.engine_tensorrt import IoPlan, TensorRTEngine
+from cellseg.edge.errors import ModelError
 from cellseg.edge.gpu_pipeline import GpuDetections, GpuPostprocess, GpuPreprocess, KernelRunner, PycudaRunner
 from cellseg.edge.model_info import PostprocessConfig
 from cellseg.edge.types import Detections, Frame, Measurement
+
+
+def check_gpu_outputs(io: IoPlan) -> None:
+    """The postprocess kernels read float32 outputs: an engine with FP16 outputs is refused, by
+    name, before any frame (its input may be FP16: the preprocess kernel writes either)."""
+    for t in (io.predictions, io.prototypes):
+        if t.dtype != "float32":
+            raise ModelError(
+                f"engine output {t.name!r} is {t.dtype}; the GPU postprocess reads float32 outputs. Build the "
+                "engine with float32 outputs (cellseg build-engine keeps the ONNX model's float32 outputs)"
+            )
 
 
 @dataclass(frozen=True)
@@ -43,8 +55,9 @@ class GpuPredictor:
             self.runner = runner or PycudaRunner()
         io = engine.io
         info = engine.info
+        check_gpu_outputs(io)
         self.preprocess = GpuPreprocess(self.runner, info.input_width, info.input_height, info.mapping,
-                                        output=engine.device_buffer(io.input.name))  # fmt: skip
+                                        output=engine.device_buffer(io.input.name), dtype=io.input.dtype)  # fmt: skip
         self.postprocess = GpuPostprocess(self.runner, self.config)
         self._pred = (engine.device_buffer(io.predictions.name), io.predictions.shape[1:])
         self._proto = (engine.device_buffer(io.prototypes.name), io.prototypes.shape[1:])

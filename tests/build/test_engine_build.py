@@ -19,6 +19,7 @@ from cellseg.edge.device import DeviceFacts
 from cellseg.edge.engine_tensorrt import TensorSpec, plan_io
 from cellseg.edge.errors import ConfigError, DependencyError, ModelError
 from cellseg.edge.flash import FlashSettings, flash_file
+from cellseg.edge.gpu_predictor import check_gpu_outputs
 from cellseg.edge.model_info import ModelInfo
 from cellseg.edge.slots import SlotStore
 from tests.conftest import SAMPLES
@@ -77,6 +78,19 @@ def test_engine_io_is_checked_against_the_model(shipped_model: Path) -> None:
     for phrase, bad in cases.items():
         with pytest.raises(ModelError, match=phrase):
             plan_io(bad, info)
+
+
+def test_the_gpu_pipeline_takes_an_fp16_input_and_refuses_fp16_outputs(shipped_model: Path) -> None:
+    s = ort.InferenceSession(str(shipped_model), providers=["CPUExecutionProvider"])
+    info = ModelInfo.from_metadata(dict(s.get_modelmeta().custom_metadata_map))
+    specs = _specs(shipped_model)
+    half_input = [TensorSpec(specs[0].name, specs[0].shape, "float16", True), *specs[1:]]
+    check_gpu_outputs(plan_io(half_input, info))  # the preprocess kernel writes half
+    for k in (1, 2):
+        half_output = list(specs)
+        half_output[k] = TensorSpec(specs[k].name, specs[k].shape, "float16", False)
+        with pytest.raises(ModelError, match=f"output '{specs[k].name}' is float16; the GPU postprocess reads float32"):
+            check_gpu_outputs(plan_io(half_output, info))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

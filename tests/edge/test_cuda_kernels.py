@@ -4,6 +4,7 @@ compared with the numpy reference on real frames from ../shared/data."""
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 from pathlib import Path
@@ -125,6 +126,54 @@ def test_postprocess_kernels_with_500_detections_and_with_none(data_root: Path, 
     tensor, lb = pre(Frame(blank, source="blank"))
     raw = engine.infer(tensor)
     assert _compare(Postprocessor(engine.info.thresholds)(raw, lb), runner, raw, lb, engine.info.thresholds) == 0
+
+
+def test_preprocess_kernel_writes_an_fp16_input(data_root: Path, runner: EmulatedRunner, engine) -> None:  # type: ignore[no-untyped-def]
+    """For an engine with an FP16 input: the same values as the float32 kernel, rounded to half
+    exactly as numpy rounds them."""
+    single = GpuPreprocess(runner, 640, 640, engine.info.mapping)
+    half = GpuPreprocess(runner, 640, 640, engine.info.mapping, dtype=np.float16)
+    for name, pixels in _frames(data_root).items():
+        frame = Frame(pixels, source=name)
+        want = single(frame)[0].astype(np.float16).view(np.uint16)
+        got = half(frame)[0]
+        assert got.dtype == np.uint16 and got.shape == want.shape, name
+        assert np.array_equal(got, want), name
+    with pytest.raises(ValueError, match="float32 or float16"):
+        GpuPreprocess(runner, 640, 640, engine.info.mapping, dtype=np.int8)
+
+
+def test_half_rounding_matches_ieee_on_every_kind_of_float(tmp_path: Path) -> None:
+    """The kernel's float -> half conversion against numpy's, over the cases that break naive
+    conversions: ties to even, subnormal halves, the overflow edge, infinities, NaN, signed zero."""
+    src = tmp_path / "half.cpp"
+    src.write_text(
+        f'#include "emulate.h"\n#include "{KERNEL_DIR / "preprocess.cu"}"\n'
+        'extern "C" void convert(const float* in, int n, unsigned short* out)'
+        " { for (int i = 0; i < n; ++i) out[i] = half_bits(in[i]); }\n"
+    )
+    lib_path = tmp_path / "half.so"
+    here = Path(__file__).parent / "cuda_emu"
+    subprocess.run(["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unused-function",
+                    f"-I{here}", "-o", str(lib_path), str(src)], check=True)  # fmt: skip
+    lib = ctypes.CDLL(str(lib_path))
+    rng = np.random.default_rng(7)
+    special = np.array([0.0, -0.0, 1.0, 1 / 255, 114 / 255, 65504.0, 65519.99, 65520.0, 1e9, np.inf, -np.inf,
+                        2.0**-14, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-26, 6e-8, 1e-40, 3.0**-20],
+                       dtype=np.float32)  # fmt: skip
+    # Every half's exact value, and the midpoints between neighbouring halves (the ties), +-1 ulp.
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    mids = ((halves[:-1].astype(np.float64) + halves[1:]) / 2).astype(np.float32)
+    near = np.concatenate([mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf)])
+    random_bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    values = np.ascontiguousarray(np.concatenate([special, halves, near, -near, random_bits]), dtype=np.float32)
+    out = np.zeros(values.size, dtype=np.uint16)
+    lib.convert(values.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(values.size), out.ctypes.data_as(ctypes.c_void_p))
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16)
+    nan = np.isnan(values)
+    assert np.isnan(out[nan].view(np.float16)).all()
+    np.testing.assert_array_equal(out[~nan], want[~nan].view(np.uint16))
 
 
 def test_atomics_hold_under_threaded_emulation(data_root: Path, runner: EmulatedRunner, engine) -> None:  # type: ignore[no-untyped-def]

@@ -39,6 +39,10 @@ def test_kernels_on_the_gpu_match_the_reference(data_root: Path, shipped_model: 
             out, _ = GpuPreprocess(runner, 640, 640, engine.info.mapping)(frame)
             got = runner.download(out, want.size, np.float32).reshape(want.shape)
             assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+            # The FP16-input variant: the same values, rounded to half as numpy (cvt.rn) rounds them.
+            out16, _ = GpuPreprocess(runner, 640, 640, engine.info.mapping, dtype=np.float16)(frame)
+            half = runner.download(out16, want.size, np.uint16).reshape(want.shape)
+            assert np.array_equal(half, got.astype(np.float16).view(np.uint16))
             raw = engine.infer(want)
             ref = Postprocessor(engine.info.thresholds)(raw, lb)
             gpu = GpuPostprocess(runner, engine.info.thresholds)(

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -97,6 +98,12 @@ template <class T> T atomicOr(T* address, T value) {
     T old = *address;
     *address = old | value;
     return old;
+}
+
+inline unsigned int __float_as_uint(float value) {
+    unsigned int bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return bits;
 }
 
 using std::max;
