@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import sliding_window_view
 
 from cellseg.edge.engine import RawOutputs
 from cellseg.edge.model_info import PostprocessConfig
@@ -217,29 +216,6 @@ def pixel_spans(frame_boxes: npt.NDArray[np.float32], lb: Letterbox) -> npt.NDAr
     return spans
 
 
-def size_groups(
-    sides: npt.NDArray[np.intp], growth: float = 1.5, slack: int = 8, budget: int = 1 << 18
-) -> list[npt.NDArray[np.intp]]:
-    """Indices grouped by similar ``sides`` (ascending): each group's largest side is at most
-    ``growth`` times its smallest plus ``slack``, and its members padded to that side hold at
-    most ``budget`` pixels (or the group is one detection).
-
-    These are the batches of :func:`assemble_masks`: similar sizes so that one giant clump does
-    not pad every small cell to its size, and small enough that a batch's arrays stay in the
-    CPU's cache (measured: batches of a few MB cost 2-3x more, mostly in page faults).
-    """
-    order = np.argsort(sides, kind="stable")
-    ordered = sides[order]
-    groups, begin = [], 0
-    while begin < order.size:
-        end = int(np.searchsorted(ordered, ordered[begin] * growth + slack, side="right"))
-        largest = int(ordered[end - 1])
-        end = min(end, begin + max(1, budget // (largest * largest)))
-        groups.append(order[begin:end])
-        begin = end
-    return groups
-
-
 def assemble_masks(
     coefs: npt.NDArray[np.float32],
     protos: npt.NDArray[np.float32],
@@ -254,49 +230,24 @@ def assemble_masks(
         protos: ``(nm, ph, pw)`` prototypes.
         spans: ``(N, 4)`` non-empty ``c0, c1, r0, r1`` pixel spans.
     Returns:
-        N boolean ``(r1 - r0, c1 - c0)`` masks (views into per-group arrays) and ``(N,)``
-        whether each has a pixel.
+        N boolean ``(r1 - r0, c1 - c0)`` masks and ``(N,)`` whether each has a pixel.
 
-    Detections of similar size go through together, padded to the group's largest window, so
-    the work is a few batched products per frame instead of a few per cell (a Python loop
-    over hundreds of cells costs more than the arithmetic).
+    One detection at a time, each within its own window: measured in the pipeline (right after
+    inference, when the CPU caches hold the engine's data, not ours), this beats batching
+    detections into padded arrays, whose few-MB temporaries miss the cache.
     """
-    nm, ph, pw = protos.shape
-    c0, c1, r0, r1 = spans[:, 0], spans[:, 1], spans[:, 2], spans[:, 3]
-    width, height = c1 - c0, r1 - r0
-    px0, px1 = resampler.x.windows(c0, c1)
-    py0, py1 = resampler.y.windows(r0, r1)
-    cells_x, cells_y = px1 - px0, py1 - py0
-    frame_h, frame_w = resampler.y.weights.shape[0], resampler.x.weights.shape[0]
-    masks: list[npt.NDArray[np.bool_]] = [np.zeros((0, 0), np.bool_)] * len(spans)
+    nm = protos.shape[0]
+    px0, px1 = resampler.x.windows(spans[:, 0], spans[:, 1])
+    py0, py1 = resampler.y.windows(spans[:, 2], spans[:, 3])
+    wx_all, wy_all = resampler.x.weights, resampler.y.weights
+    masks: list[npt.NDArray[np.bool_]] = []
     filled = np.zeros(len(spans), dtype=np.bool_)
-    for g in size_groups(np.maximum(width, height)):
-        n = len(g)
-        hm, wm = int(height[g].max()), int(width[g].max())
-        chm, cwm = int(cells_y[g].max()), int(cells_x[g].max())
-        # Every window of the group has the group's largest size. Its start is moved back where
-        # it would run off the array: it still covers the detection's cells and pixels, and a
-        # pixel's weights on the extra cells are zero (each pixel's taps lie inside its span's).
-        cy, cx = np.minimum(py0[g], ph - chm), np.minimum(px0[g], pw - cwm)
-        fy, fx = np.minimum(r0[g], frame_h - hm), np.minimum(c0[g], frame_w - wm)
-        window = sliding_window_view(protos, (chm, cwm), axis=(1, 2))[:, cy, cx].reshape(nm, n, chm * cwm)
-        logits = np.einsum("gc,cgk->gk", coefs[g], window).reshape(n, chm, cwm)
-        # Rows and columns outside a detection's span belong to other pixels (or are windows'
-        # padding): their weights are zeroed, so their value is 0 and never above a threshold
-        # of 0.5 or more; a lower threshold needs them cleared after the comparison.
-        oy, ox = r0[g] - fy, c0[g] - fx
-        rows, cols = np.arange(hm), np.arange(wm)
-        in_y = (rows >= oy[:, None]) & (rows < (oy + height[g])[:, None])
-        in_x = (cols >= ox[:, None]) & (cols < (ox + width[g])[:, None])
-        wy = sliding_window_view(resampler.y.weights, (hm, chm))[fy, cy] * in_y[:, :, None]
-        wx = sliding_window_view(resampler.x.weights, (wm, cwm))[fx, cx] * in_x[:, :, None]
-        inside = wy @ logits @ wx.transpose(0, 2, 1) > logit_threshold
-        if logit_threshold < 0:
-            inside &= in_y[:, :, None]
-            inside &= in_x[:, None, :]
-        filled[g] = inside.reshape(n, -1).any(axis=1)
-        for k, (i, y, x) in enumerate(zip(g.tolist(), oy.tolist(), ox.tolist(), strict=True)):
-            masks[i] = inside[k, y : y + height[i], x : x + width[i]]
+    rows = zip(spans.tolist(), px0.tolist(), px1.tolist(), py0.tolist(), py1.tolist(), strict=True)
+    for i, ((c0, c1, r0, r1), x0, x1, y0, y1) in enumerate(rows):
+        logits = (coefs[i] @ protos[:, y0:y1, x0:x1].reshape(nm, -1)).reshape(y1 - y0, x1 - x0)
+        mask = (wy_all[r0:r1, y0:y1] @ logits @ wx_all[c0:c1, x0:x1].T) > logit_threshold
+        masks.append(mask)
+        filled[i] = mask.any()
     return masks, filled
 
 

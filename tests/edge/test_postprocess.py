@@ -15,7 +15,6 @@ from cellseg.edge.postprocess import (
     nms,
     pixel_spans,
     postprocess,
-    size_groups,
     to_frame_boxes,
 )
 from cellseg.edge.preprocess import letterbox_geometry
@@ -91,8 +90,7 @@ def test_empty_frame() -> None:
 
 @pytest.mark.parametrize("mask_threshold", [0.5, 0.3])
 def test_a_detection_without_mask_pixels_is_not_a_cell(mask_threshold: float) -> None:
-    # The empty one is smaller than its neighbour: batched together, it is padded to its size,
-    # and the padding must not count as mask pixels (nor, below 0.5, pass the threshold).
+    # Also below a threshold of 0.5, where a logit of 0 passes: an empty mask stays empty.
     g = letterbox_geometry(64, 64, 64, 64)
     raw = _raw([(20, 20, 8, 8, [0.9], -10.0), (40, 40, 12, 12, [0.8], 10.0)])
     det = postprocess(raw, g, PostprocessConfig(conf=0.25, mask_threshold=mask_threshold))
@@ -150,17 +148,6 @@ def test_nms_is_the_greedy_definition_on_a_dense_grid_with_ties(max_keep: int) -
     assert len(nms(boxes[:0], scores[:0], 0.5, max_keep)) == 0
 
 
-def test_size_groups_keep_a_giant_clump_apart_and_batches_small() -> None:
-    sides = np.array([30, 31, 400, 29, 45, 60, 33, 2, 44], dtype=np.intp)
-    groups = size_groups(sides, growth=1.5, slack=8, budget=3 * 45 * 45)
-    assert sorted(np.concatenate(groups).tolist()) == list(range(len(sides)))  # each once
-    for g in groups:
-        s = sides[g]
-        assert s.max() <= s.min() * 1.5 + 8
-        assert len(g) == 1 or len(g) * int(s.max()) ** 2 <= 3 * 45 * 45
-    assert [2] in [g.tolist() for g in groups]  # the clump alone: nobody is padded to 400 px
-
-
 @pytest.fixture(scope="module")
 def real_outputs(usiigaci: Path, shipped_model: Path) -> list[tuple[RawOutputs, Letterbox]]:
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
@@ -180,11 +167,11 @@ def real_outputs(usiigaci: Path, shipped_model: Path) -> list[tuple[RawOutputs, 
 
 
 @pytest.mark.parametrize(("conf", "mask_threshold"), [(0.25, 0.5), (0.01, 0.3), (0.25, 0.7)])
-def test_batched_masks_equal_each_cell_resampled_from_the_whole_prototype_plane(
+def test_windowed_masks_equal_each_cell_resampled_from_the_whole_prototype_plane(
     real_outputs: list[tuple[RawOutputs, Letterbox]], conf: float, mask_threshold: float
 ) -> None:
-    """The batched, windowed assembly against the plainest formula: every cell's logits over the
-    whole 160x160 prototype plane, resampled to its pixels with the full weight matrices."""
+    """The windowed assembly against the plainest formula: every cell's logits over the whole
+    160x160 prototype plane, resampled to its pixels with the full weight matrices."""
     config = PostprocessConfig(conf=conf, mask_threshold=mask_threshold, max_det=3000)
     threshold = np.log(mask_threshold / (1 - mask_threshold))
     for raw, lb in real_outputs:
@@ -205,5 +192,5 @@ def test_batched_masks_equal_each_cell_resampled_from_the_whole_prototype_plane(
             assert tuple(origin) == (c0, r0) and mask.shape == want.shape
             mismatched += int((mask != want).sum())
             total += want.size
-        # Sums over other windows may round a logit sitting on the threshold the other way.
+        # Sums over a wider window may round a logit sitting on the threshold the other way.
         assert mismatched <= 1e-5 * total, (mismatched, total)
