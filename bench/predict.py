@@ -5,7 +5,7 @@ same 8-bit frame (decoded and mapped by cellseg, time reported separately) and p
 at the frame's resolution (ultralytics with ``retina_masks=True``); cellseg also measures
 count, confluence and areas. Per-stage medians in ms, and end-to-end images/s over all runs.
 
-    python bench/predict.py [--model M.onnx] [--runs 5] [--conf 0.25 0.001] [--threads N]
+    python bench/predict.py [--model M.onnx] [--runs 5] [--conf 0.25 0.1 0.001] [--threads N]
 
 Prints a table; makes no assertion (speed targets are read off this table, never tested).
 """
@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--runs", type=int, default=5, help="passes over the frames")
-    parser.add_argument("--conf", type=float, nargs="+", default=[0.25, 0.001])
+    parser.add_argument("--conf", type=float, nargs="+", default=[0.25, 0.1, 0.001])
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for cellseg (default: all)")
     parser.add_argument("--no-ultralytics", action="store_true")
     args = parser.parse_args()
