@@ -157,7 +157,7 @@ class Detections:
 
     def areas(self) -> npt.NDArray[np.int64]:
         """``(N,)`` pixel count of each mask."""
-        return np.array([int(m.sum()) for m in self.masks], dtype=np.int64)
+        return np.array([np.count_nonzero(m) for m in self.masks], dtype=np.int64)
 
     def union_mask(self) -> npt.NDArray[np.bool_]:
         """``(H, W)`` union of all masks: the covered area, each pixel counted once."""

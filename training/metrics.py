@@ -64,8 +64,8 @@ def mask_iou(a: Instances, b: Instances) -> npt.NDArray[np.float64]:
     out = np.zeros((len(a), len(b)))
     if len(a) == 0 or len(b) == 0:
         return out
-    area_a = np.array([m.sum() for m in a.masks], dtype=np.float64)
-    area_b = np.array([m.sum() for m in b.masks], dtype=np.float64)
+    area_a = np.array([np.count_nonzero(m) for m in a.masks], dtype=np.float64)
+    area_b = np.array([np.count_nonzero(m) for m in b.masks], dtype=np.float64)
     ext_a = _extents(a)
     ext_b = _extents(b)
     overlap = (
