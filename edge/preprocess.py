@@ -47,9 +47,10 @@ def resize_to_fit(image: npt.NDArray[np.uint8], geometry: Letterbox) -> npt.NDAr
 class Preprocessor:
     """Turns frames into ``(1, 3, H, W)`` float32 engine input, reusing one input buffer.
 
-    The returned array is the preprocessor's own buffer: it is overwritten by the next call.
-    The padding is written once per letterbox geometry (a camera's frames all share one) and
-    each frame fills only the content, so a frame costs its own pixels and nothing more.
+    The returned array is a read-only view of the preprocessor's own buffer: it is overwritten
+    by the next call. The padding is written once per letterbox geometry (a camera's frames all
+    share one) and each frame fills only the content, so a frame costs its own pixels and
+    nothing more; read-only, so no consumer can scribble on the padding the next frame reuses.
     """
 
     def __init__(self, input_width: int, input_height: int, mapping: IntensityMapping | None = None) -> None:
@@ -57,6 +58,8 @@ class Preprocessor:
         self.input_height = input_height
         self.mapping = mapping or IntensityMapping()
         self._buffer = np.empty((1, 3, input_height, input_width), dtype=np.float32)
+        self._view = self._buffer.view()
+        self._view.flags.writeable = False
         self._padded_for: Letterbox | None = None
 
     def __call__(self, frame: Frame) -> tuple[npt.NDArray[np.float32], Letterbox]:
@@ -75,4 +78,4 @@ class Preprocessor:
         else:
             for dst, src in enumerate((2, 1, 0)):  # BGR -> RGB
                 np.multiply(content[:, :, src], scale, out=planes[dst], casting="unsafe")
-        return self._buffer, g
+        return self._view, g

@@ -43,6 +43,20 @@ def test_bgr_becomes_rgb_in_unit_range_with_grey_padding() -> None:
     np.testing.assert_allclose(tensor[0, :, 48:, :], PAD_VALUE / 255, rtol=1e-6)
 
 
+def test_padding_is_right_after_the_geometry_changes_and_cannot_be_overwritten() -> None:
+    """The padding is written once per geometry: a landscape frame after a portrait one (whose
+    content covered the landscape padding) must still get grey padding."""
+    rng = np.random.default_rng(2)
+    wide, tall = rng.integers(0, 256, (32, 64), np.uint8), rng.integers(0, 256, (64, 20), np.uint8)
+    shared = Preprocessor(64, 64)
+    for pixels in (wide, tall, wide, tall):
+        got, _ = shared(Frame(pixels))
+        want, _ = Preprocessor(64, 64)(Frame(pixels))
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="read-only"):
+        got[0, 0, 0, 0] = 0.0
+
+
 def test_grey_frame_fills_all_three_channels() -> None:
     pixels = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
     tensor, _ = Preprocessor(64, 64)(Frame(pixels))
