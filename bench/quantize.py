@@ -95,7 +95,7 @@ def main() -> int:
             e.warmup(2)
         for _ in range(args.runs):  # interleaved, one pass each per round
             for name, engine in engines.items():
-                reports[name].append(run_bench(engine, frames, runs=1, warmup=1))
+                reports[name].append(run_bench(engine, frames, runs=1, warmup=1, engine_alone=False))
         if args.ops:
             from cellseg.edge.imageio import read_image
             from cellseg.edge.preprocess import Preprocessor

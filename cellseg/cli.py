@@ -173,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="inference speed of the engine on this machine")
     be.add_argument("images", nargs="*", help="frames, folders or globs (default: the bundled sample frames)")
-    be.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
+    be.add_argument(
+        "--model",
+        type=Path,
+        help="ONNX model or installed engine slot (default: $CELLSEG_MODEL, else the shipped model)",
+    )
+    be.add_argument(
+        "--config", type=Path, help="time the engine this device's daemon runs (flashed slot, backend, thresholds)"
+    )
     be.add_argument("--runs", type=int, default=5, help="passes over the frames")
     be.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -542,7 +549,9 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from cellseg.edge.benchmark import run_bench
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+    from cellseg.edge.config import load_config
+    from cellseg.edge.engine_select import configured_candidates, open_engine, open_first, predictor_for
+    from cellseg.edge.flash import store_for
     from cellseg.edge.predict import expand_inputs
 
     samples = SAMPLES_DIR
@@ -553,9 +562,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.runs < 1:
         print("cellseg bench: error: --runs must be at least 1", file=sys.stderr)
         return 2
-    with OnnxRuntimeEngine(args.model or default_model(), threads=args.threads) as engine:
-        engine.warmup()
-        report = run_bench(engine, images, runs=args.runs)
+    if args.config is not None and args.model is not None:
+        print("cellseg bench: error: --config and --model name the engine twice; give one", file=sys.stderr)
+        return 2
+    thresholds, pixel_size = None, None
+    if args.config is not None:
+        config = load_config(args.config)
+        candidates = configured_candidates(store_for(config.state_dir), config.model)
+        opened, _, _ = open_first(candidates, config.engine.backend, args.threads or config.engine.threads)
+        p = config.postprocess
+        thresholds = opened.engine.info.thresholds.overridden(conf=p.conf, iou=p.iou, max_det=p.max_det)
+        pixel_size = config.measurement.pixel_size_um
+    else:
+        opened = open_engine(args.model or default_model(), threads=args.threads)
+    try:
+        print(f"engine: {opened.describe()}", file=sys.stderr)
+        predictor = predictor_for(opened, thresholds, pixel_size)
+        report = run_bench(opened.engine, images, runs=args.runs, predictor=predictor)
+    finally:
+        opened.engine.close()
     print(json.dumps(report.to_dict()) if args.json else report.format())
     return 0
 

@@ -1,7 +1,10 @@
 """``cellseg bench``: inference speed of this machine's engine, as users quote it.
 
 Device, precision, images/s, ms/image and the per-stage split, on the bundled sample frames or
-on frames the user names. The frames are decoded once, so the numbers are the pipeline's.
+on frames the user names. The frames are decoded once, so the numbers are the pipeline's. Also
+the engine alone (the same input, over and over: on a GPU its input stays on the device) and
+what share of that rate the whole pipeline keeps — the number that tells whether pre- and
+post-processing hold the engine back.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellseg.edge.engine import Engine
 from cellseg.edge.imageio import read_image
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Frame
+
+if TYPE_CHECKING:
+    from cellseg.edge.gpu_predictor import GpuPredictor
 
 STAGES = ("preprocess", "infer", "postprocess", "measure")
 
@@ -34,6 +40,12 @@ class BenchReport:
     ms_per_image: float
     stage_ms: dict[str, float] = field(default_factory=dict)
     cells_per_frame: float = 0.0
+    engine_images_per_s: float = 0.0  # the engine alone, on one prepared input
+
+    @property
+    def pipeline_share(self) -> float:
+        """End-to-end images/s as a fraction of the engine's own."""
+        return self.images_per_s / self.engine_images_per_s if self.engine_images_per_s else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,9 +58,11 @@ class BenchReport:
         )
         split = "  ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
         runs = f"{self.frames} frames x {self.runs} runs; {self.cells_per_frame:.0f} cells/frame (median)"
-        return "\n".join(
-            [head, "-" * len(head), row, "", f"per stage (median ms): {split}", f"engine {self.engine}; {runs}"]
-        )
+        lines = [head, "-" * len(head), row, "", f"per stage (median ms): {split}"]
+        if self.engine_images_per_s:
+            lines.append(f"engine alone {self.engine_images_per_s:.2f} images/s; end to end keeps "
+                         f"{100 * self.pipeline_share:.0f}% of it")  # fmt: skip
+        return "\n".join([*lines, f"engine {self.engine}; {runs}"])
 
 
 def device_name() -> str:
@@ -66,17 +80,30 @@ def device_name() -> str:
     return f"{name} ({os.cpu_count()} cores)"
 
 
-def run_bench(engine: Engine, images: list[Path], runs: int = 5, warmup: int = 2) -> BenchReport:
-    """Time the pipeline on ``images`` (already loaded engine), ``runs`` passes after ``warmup`` frames."""
+def run_bench(
+    engine: Engine,
+    images: list[Path],
+    runs: int = 5,
+    warmup: int = 2,
+    *,
+    predictor: Predictor | GpuPredictor | None = None,
+    engine_alone: bool = True,
+) -> BenchReport:
+    """Time the pipeline on ``images`` (already loaded engine), ``runs`` passes after ``warmup`` frames.
+
+    ``predictor``: the pipeline around ``engine`` (default: the CPU one); a
+    :class:`~cellseg.edge.gpu_predictor.GpuPredictor` for a TensorRT engine. ``engine_alone``:
+    also time the engine by itself (as many inferences again).
+    """
     frames = [Frame(read_image(p), source=str(p)) for p in images]
-    predictor = Predictor(engine)
+    pipeline = predictor if predictor is not None else Predictor(engine)
     for frame in frames[:warmup]:
-        predictor(frame)
+        pipeline(frame)
     latencies, cells = [], []
     start = time.perf_counter()
     for _ in range(runs):
         for frame in frames:
-            m = predictor(frame).measurement
+            m = pipeline(frame).measurement
             latencies.append(m.latencies_ms)
             cells.append(m.count)
     wall = time.perf_counter() - start
@@ -90,6 +117,25 @@ def run_bench(engine: Engine, images: list[Path], runs: int = 5, warmup: int = 2
         runs=runs,
         images_per_s=n / wall,
         ms_per_image=1e3 * wall / n,
-        stage_ms={s: statistics.median(lat[s] for lat in latencies) for s in STAGES},
+        stage_ms={s: statistics.median(lat[s] for lat in latencies) for s in STAGES if s in latencies[0]},
         cells_per_frame=statistics.median(cells),
+        engine_images_per_s=engine_rate(engine, pipeline, frames[0], n) if engine_alone else 0.0,
     )
+
+
+def engine_rate(engine: Engine, pipeline: Predictor | GpuPredictor, frame: Frame, count: int) -> float:
+    """Images/s of the engine alone: ``count`` inferences of ``frame``'s prepared input."""
+    if isinstance(pipeline, Predictor):
+        tensor, _ = pipeline.preprocessor(frame)
+        start = time.perf_counter()
+        for _ in range(count):
+            engine.infer(tensor)
+        return count / (time.perf_counter() - start)
+    # TensorRT: the input written once on the device, the engine run on it; nothing copied.
+    gpu_engine = pipeline.engine
+    with gpu_engine.active():
+        pipeline.preprocess(frame)
+        start = time.perf_counter()
+        for _ in range(count):
+            gpu_engine.execute_on_device()
+        return count / (time.perf_counter() - start)

@@ -28,7 +28,7 @@ from cellseg.edge.capture.files import FolderSource, ImageListSource
 from cellseg.edge.capture.video import VideoFileSource, live_source
 from cellseg.edge.commands import Command, CommandError, FlashRequest, SnapshotRequest, parse_command, reply
 from cellseg.edge.config import Config
-from cellseg.edge.engine_select import OpenedEngine, open_engine
+from cellseg.edge.engine_select import OpenedEngine, configured_candidates, open_engine, open_first, predictor_for
 from cellseg.edge.errors import CellsegError, ConfigError
 from cellseg.edge.flash import FlashResult, flash_url, settings_for, store_for
 from cellseg.edge.gpu_predictor import GpuPredictor
@@ -164,22 +164,10 @@ class Daemon:
     def _load_engine(self, store: SlotStore) -> None:
         """The active flashed slot, else the previous one, else the configured model."""
         c = self.config
-        candidates = [(store.active_target(), store.active()), (None, store.previous()), (None, c.model)]
-        errors = []
-        for target, path in candidates:
-            if path is None:
-                continue
-            try:
-                opened = open_engine(path, c.engine.backend, c.engine.threads)
-            except CellsegError as e:
-                errors.append(f"{path}: {e}")
-                logger.error("cannot run engine %s: %s", path, e)
-                continue
-            self._use(opened, target if target is not None else store.active_target())
-            if errors:
-                self.last_error = "fell back to another engine: " + "; ".join(errors)
-            return
-        raise ConfigError("no engine can be loaded: " + "; ".join(errors))
+        opened, target, errors = open_first(configured_candidates(store, c.model), c.engine.backend, c.engine.threads)
+        self._use(opened, target if target is not None else store.active_target())
+        if errors:
+            self.last_error = "fell back to another engine: " + "; ".join(errors)
 
     def _use(self, opened: OpenedEngine, target: str | None) -> None:
         c = self.config
@@ -188,16 +176,7 @@ class Daemon:
         )
         old = self._opened
         try:
-            if opened.backend == "tensorrt":
-                from cellseg.edge.engine_tensorrt import TensorRTEngine
-
-                assert isinstance(opened.engine, TensorRTEngine)
-                # Pre- and post-processing on the GPU; masks come back only for overlays.
-                predictor: Predictor | GpuPredictor = GpuPredictor(
-                    opened.engine, thresholds, c.measurement.pixel_size_um
-                )
-            else:
-                predictor = Predictor(opened.engine, thresholds, c.measurement.pixel_size_um)
+            predictor = predictor_for(opened, thresholds, c.measurement.pixel_size_um)
         except Exception as e:  # e.g. the CUDA kernels do not compile: keep what runs now
             opened.engine.close()
             raise ConfigError(f"cannot run {opened.path}: {type(e).__name__}: {e}") from e

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellseg.edge.bundle import MANIFEST, BundleError, Manifest, check_files, parse_manifest
 from cellseg.edge.engine import Engine
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-from cellseg.edge.errors import ConfigError, ModelError
-from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo
+from cellseg.edge.errors import CellsegError, ConfigError, ModelError
+from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo, PostprocessConfig
+from cellseg.edge.predictor import Predictor
+from cellseg.edge.slots import SlotStore
+
+if TYPE_CHECKING:
+    from cellseg.edge.gpu_predictor import GpuPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +96,42 @@ def open_engine(path: Path, backend: str = "auto", threads: int | None = None) -
         engine.close()
         raise
     return OpenedEngine(engine, name, path, manifest)
+
+
+def configured_candidates(store: SlotStore, model: Path) -> list[tuple[str | None, Path]]:
+    """Where a device's engine comes from, in order: the active flashed slot (with the name the
+    ``active`` link points to), the previous slot, the configured model."""
+    candidates: list[tuple[str | None, Path | None]] = [
+        (store.active_target(), store.active()),
+        (None, store.previous()),
+        (None, model),
+    ]
+    return [(target, path) for target, path in candidates if path is not None]
+
+
+def open_first(
+    candidates: Sequence[tuple[str | None, Path]], backend: str = "auto", threads: int | None = None
+) -> tuple[OpenedEngine, str | None, list[str]]:
+    """The first candidate that loads, its slot name, and why the ones before it did not."""
+    errors: list[str] = []
+    for target, path in candidates:
+        try:
+            return open_engine(path, backend, threads), target, errors
+        except CellsegError as e:
+            errors.append(f"{path}: {e}")
+            logger.error("cannot run engine %s: %s", path, e)
+    raise ConfigError("no engine can be loaded: " + "; ".join(errors))
+
+
+def predictor_for(
+    opened: OpenedEngine, thresholds: PostprocessConfig | None = None, pixel_size_um: float | None = None
+) -> Predictor | GpuPredictor:
+    """The pipeline around an opened engine: pre- and post-processing in CUDA kernels for a
+    TensorRT engine (masks come back only when asked for), numpy/OpenCV for ONNX Runtime."""
+    if opened.backend == "tensorrt":
+        from cellseg.edge.engine_tensorrt import TensorRTEngine
+        from cellseg.edge.gpu_predictor import GpuPredictor
+
+        assert isinstance(opened.engine, TensorRTEngine)
+        return GpuPredictor(opened.engine, thresholds, pixel_size_um)
+    return Predictor(opened.engine, thresholds, pixel_size_um)

@@ -140,3 +140,46 @@ def test_a_damaged_installed_slot_is_refused_at_load(
         f.write(b"\0\0\0\0")
     with pytest.raises(ModelError, match="damaged"):
         open_engine(slot)
+
+
+def test_bench_times_the_engine_the_device_runs(
+    bundles: dict[str, Path], signing_keys: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cellseg bench --config`` follows the daemon: the flashed slot (not the configured model),
+    the configured thresholds; a slot damaged on disk falls back like the daemon does."""
+    import json
+
+    import yaml
+
+    from cellseg.cli import main
+    from tests.conftest import SAMPLES
+
+    state = tmp_path / "state"
+    config = tmp_path / "cellseg.yaml"
+    config.write_text(yaml.safe_dump({
+        "device_id": "scope-7", "model": str(bundles["fp32"].parent / "missing.onnx"), "state_dir": str(state),
+        "source": {"kind": "folder", "path": str(tmp_path)}, "postprocess": {"conf": 0.9},
+    }))  # fmt: skip
+    store = SlotStore(state / "engines")
+    flash_file(bundles["fp32"], store, _settings(signing_keys[1]))
+    int8 = flash_file(bundles["int8"], store, _settings(signing_keys[1])).slot
+    frame = str(sorted(SAMPLES.glob("*.png"))[0])
+
+    assert main(["bench", frame, "--config", str(config), "--runs", "1", "--threads", "1", "--json"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["precision"] == "int8" and f"from slot {int8.name}" in out.err
+    assert report["cells_per_frame"] < 10  # the config's confidence 0.9, not the model's 0.45
+    assert report["engine_images_per_s"] > 0 and set(report["stage_ms"]) >= {"preprocess", "infer", "postprocess"}
+
+    # --model takes an installed slot too; both at once is refused.
+    assert main(["bench", frame, "--model", str(int8), "--runs", "1", "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cells_per_frame"] > 20
+    assert main(["bench", frame, "--model", str(int8), "--config", str(config)]) == 2
+    assert "give one" in capsys.readouterr().err
+
+    # The active slot damaged on disk: the previous one (FP32) is timed, as the daemon would run it.
+    model_file = int8 / read_slot_manifest(int8).engine.file
+    model_file.write_bytes(model_file.read_bytes()[:-10] + b"0123456789")
+    assert main(["bench", frame, "--config", str(config), "--runs", "1", "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "fp32"
