@@ -118,8 +118,9 @@ def open_first(
         try:
             return open_engine(path, backend, threads), target, errors
         except CellsegError as e:
-            errors.append(f"{path}: {e}")
-            logger.error("cannot run engine %s: %s", path, e)
+            reason = str(e) if str(path) in str(e) else f"{path}: {e}"  # most errors name the path already
+            errors.append(reason)
+            logger.error("cannot run engine: %s", reason)
     raise ConfigError("no engine can be loaded: " + "; ".join(errors))
 
 
