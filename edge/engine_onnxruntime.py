@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from cellseg.edge.engine import RawOutputs
+from cellseg.edge.engine import LoadedInWith, RawOutputs
 from cellseg.edge.errors import DependencyError, ModelError
 from cellseg.edge.model_info import ModelInfo
 
@@ -26,7 +25,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(LoadedInWith):
     """Runs a YOLO-seg ONNX export with ONNX Runtime on the CPU.
 
     Args:
@@ -113,12 +112,3 @@ class OnnxRuntimeEngine:
 
     def close(self) -> None:
         self._session = None
-
-    def __enter__(self) -> OnnxRuntimeEngine:
-        self.load()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -17,13 +17,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from cellseg.edge.engine import RawOutputs
+from cellseg.edge.engine import LoadedInWith, RawOutputs
 from cellseg.edge.engine_onnxruntime import file_sha256
 from cellseg.edge.errors import CellsegError, DependencyError, ModelError
 from cellseg.edge.model_info import ModelInfo
@@ -134,7 +133,7 @@ def tensorrt_logger(trt: Any) -> Any:
     return Bridge()
 
 
-class TensorRTEngine:
+class TensorRTEngine(LoadedInWith):
     """Runs a TensorRT plan built by ``cellseg build-engine``.
 
     Args:
@@ -286,12 +285,3 @@ class TensorRTEngine:
             self._ctx.detach()
             self._ctx = None
         self.io = None
-
-    def __enter__(self) -> TensorRTEngine:
-        self.load()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

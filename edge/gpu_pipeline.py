@@ -103,10 +103,9 @@ class GpuPreprocess:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float16):
             raise ValueError(f"the preprocess kernel writes float32 or float16 input, not {self.dtype}")
-        # float16 is written as its bits: the kernel's buffer is unsigned short.
-        self._kernel, buffer_dtype = ("letterbox", np.float32) if self.dtype == np.float32 else \
-            ("letterbox_half", np.uint16)  # fmt: skip
-        # The engine's own input buffer when given (no device-to-device copy), else one of ours.
+        # The engine's own input buffer when given (no device-to-device copy), else one of ours;
+        # float16 is written as its bits, into the kernel's unsigned short output.
+        buffer_dtype = np.float32 if self.dtype == np.float32 else np.uint16
         self.output = output if output is not None else runner.zeros(3 * input_width * input_height, buffer_dtype)
 
     def __call__(self, frame: Frame) -> tuple[Any, Letterbox]:
@@ -121,9 +120,10 @@ class GpuPreprocess:
         else:
             img8, img16, lut = self.runner.upload(pixels), None, None
         grid = (_blocks(self.input_width, 16), _blocks(self.input_height, 16), 1)
+        out, out_half = (self.output, None) if self.dtype == np.float32 else (None, self.output)
         self.runner.launch(
-            self._kernel, grid, (16, 16, 1), img8, img16, lut, frame.width, frame.height, channels,
-            g.resized_width, g.resized_height, g.pad_x, g.pad_y, self.input_width, self.input_height, self.output,
+            "letterbox", grid, (16, 16, 1), img8, img16, lut, frame.width, frame.height, channels,
+            g.resized_width, g.resized_height, g.pad_x, g.pad_y, self.input_width, self.input_height, out, out_half,
         )  # fmt: skip
         return self.output, g
 

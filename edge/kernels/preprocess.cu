@@ -1,7 +1,6 @@
 // Frame -> engine input in one pass: 16-to-8-bit mapping (a lookup table), letterbox (bilinear
 // resize with half-pixel centres, edge clamping, grey padding), BGR->RGB or grey->RGB, /255, CHW,
-// written as float32 (`letterbox`) or as IEEE half (`letterbox_half`, for engines with an FP16
-// input). The semantics of cellseg.edge.preprocess.Preprocessor (the numpy/OpenCV reference): the
+// written as float32 or as IEEE half (for engines with an FP16 input). The semantics of cellseg.edge.preprocess.Preprocessor (the numpy/OpenCV reference): the
 // value resampled from the 8-bit image is rounded to a whole 8-bit level, as OpenCV's 8-bit
 // resize does.
 //
@@ -87,9 +86,11 @@ __device__ unsigned short half_bits(float value)
     return (unsigned short)(sign | h);
 }
 
+// Writes float32 to `out`, or IEEE half bits to `out_half` for an engine with an FP16 input:
+// exactly one of the two is non-null.
 __global__ void letterbox(const unsigned char* img8, const unsigned short* img16, const unsigned char* lut,
                           int frame_w, int frame_h, int channels, int resized_w, int resized_h,
-                          int pad_x, int pad_y, int input_w, int input_h, float* out)
+                          int pad_x, int pad_y, int input_w, int input_h, float* out, unsigned short* out_half)
 {
     int x = blockIdx.x * blockDim.x + threadIdx.x;
     int y = blockIdx.y * blockDim.y + threadIdx.y;
@@ -97,18 +98,8 @@ __global__ void letterbox(const unsigned char* img8, const unsigned short* img16
     float rgb[3];
     input_pixel(img8, img16, lut, frame_w, frame_h, channels, resized_w, resized_h, pad_x, pad_y, x, y, rgb);
     int plane = input_w * input_h, o = y * input_w + x;
-    for (int c = 0; c < 3; ++c) out[c * plane + o] = rgb[c];
-}
-
-__global__ void letterbox_half(const unsigned char* img8, const unsigned short* img16, const unsigned char* lut,
-                               int frame_w, int frame_h, int channels, int resized_w, int resized_h,
-                               int pad_x, int pad_y, int input_w, int input_h, unsigned short* out)
-{
-    int x = blockIdx.x * blockDim.x + threadIdx.x;
-    int y = blockIdx.y * blockDim.y + threadIdx.y;
-    if (x >= input_w || y >= input_h) return;
-    float rgb[3];
-    input_pixel(img8, img16, lut, frame_w, frame_h, channels, resized_w, resized_h, pad_x, pad_y, x, y, rgb);
-    int plane = input_w * input_h, o = y * input_w + x;
-    for (int c = 0; c < 3; ++c) out[c * plane + o] = half_bits(rgb[c]);
+    for (int c = 0; c < 3; ++c) {
+        if (out != 0) out[c * plane + o] = rgb[c];
+        else out_half[c * plane + o] = half_bits(rgb[c]);
+    }
 }

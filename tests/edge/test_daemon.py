@@ -90,6 +90,19 @@ def _start(config: Path, tmp_path: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
+def _stop(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Stop a running daemon as systemd does (SIGTERM); it must exit with status 0."""
+    assert proc.poll() is None, "the daemon ended before it was asked to"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=timeout) == 0
+
+
+def _ensure_dead(proc: subprocess.Popen[str]) -> None:
+    """After a failed test: no daemon left running."""
+    if proc.poll() is None:
+        proc.kill()
+
+
 def _seqs(sub: Subscriber) -> list[int]:
     return [json.loads(p)["seq"] for p in sub.payloads(f"{PREFIX}/measurement")]
 
@@ -104,11 +117,9 @@ def test_folder_of_12_frames_measured_published_and_stopped_cleanly(
         proc = _start(_config(tmp_path, frames, broker), tmp_path)
         try:
             assert sub.wait_for(lambda: len(_seqs(sub)) == 12, timeout=120), proc.stderr
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
+            _stop(proc)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            _ensure_dead(proc)
         time.sleep(0.5)
         seen = list(notify.lines)
         assert _seqs(sub) == list(range(1, 13))  # consecutive, each once
@@ -159,11 +170,9 @@ def test_killed_daemon_replays_its_spool_and_measures_no_file_twice(frames: Path
         try:
             assert sub.wait_for(lambda: sorted(set(_seqs(sub))) == list(range(1, 13)), timeout=120), proc.stderr
             time.sleep(1.0)  # anything extra would show now
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
+            _stop(proc)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            _ensure_dead(proc)
         records = [json.loads(p) for p in sub.payloads(f"{PREFIX}/measurement")]
         assert sorted(r["seq"] for r in records) == list(range(1, 13))  # exactly once: no file measured twice
         assert [Path(r["image"]).name for r in sorted(records, key=lambda r: r["seq"])] == sorted(
@@ -246,12 +255,9 @@ def test_commands_are_validated_and_answered_while_measuring_goes_on(data_root: 
         count = len(_seqs(sub))
         assert sub.wait_for(lambda: len(_seqs(sub)) >= count + 2, timeout=30)
         assert _seqs(sub) == list(range(1, len(_seqs(sub)) + 1))
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _ensure_dead(proc)
         sub.close()
         broker.stop()
 
@@ -287,12 +293,10 @@ def test_sighup_reloads_the_config_and_a_broken_edit_keeps_the_old_one(data_root
         assert counts()[-1] == after  # with the configuration it had
         seqs = [json.loads(p)["seq"] for p in sub.payloads(f"{PREFIX}/measurement")]
         assert seqs == list(range(1, len(seqs) + 1))  # consecutive across both reloads
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _stop(proc)
         assert "reload refused, keeping the running configuration" in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _ensure_dead(proc)
         sub.close()
         broker.stop()
 
@@ -317,11 +321,9 @@ def test_a_long_interval_keeps_the_watchdog_fed(data_root: Path, tmp_path: Path,
         time.sleep(6)
         pings = notify.lines[start:].count("WATCHDOG=1")
         assert pings >= 6, f"{pings} watchdog pings in 6 s with a 2 s watchdog"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _ensure_dead(proc)
 
 
 def test_broker_restarted_three_times_while_the_daemon_measures_a_looped_folder(
@@ -359,8 +361,7 @@ def test_broker_restarted_three_times_while_the_daemon_measures_a_looped_folder(
             assert newest_seq() > before  # measuring goes on while the broker is away
             broker.start()
         assert sub.wait_for(lambda: len(set(_seqs(sub))) >= 300, timeout=180)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        _stop(proc, timeout=60)
         last = newest_seq()
         assert sub.wait_for(lambda: set(_seqs(sub)) == set(range(1, last + 1)), timeout=60), (
             f"missing {sorted(set(range(1, last + 1)) - set(_seqs(sub)))[:20]}"
@@ -369,7 +370,6 @@ def test_broker_restarted_three_times_while_the_daemon_measures_a_looped_folder(
         assert any(r.get("historical") for r in records)  # the backlog was marked as replayed
         assert last >= 300
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _ensure_dead(proc)
         sub.close()
         broker.stop()

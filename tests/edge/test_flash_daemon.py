@@ -8,7 +8,6 @@ import functools
 import hashlib
 import itertools
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import yaml
 from cellseg.build.bundle import generate_keypair
 from tests.bundle_tools import bad_bundles
 from tests.conftest import SHIPPED_MODEL
-from tests.edge.test_daemon import PREFIX, _seqs, _start
+from tests.edge.test_daemon import PREFIX, _ensure_dead, _seqs, _start, _stop
 from tests.mqtt_broker import Broker, Subscriber
 
 pytestmark = [
@@ -140,11 +139,8 @@ def test_flashing_a_running_daemon(
         names = [Path(r["image"]).name for r in records()]
         order = [p.name for p in frames]
         assert all(order[(order.index(a) + 1) % 3] == b for a, b in itertools.pairwise(names))
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _ensure_dead(proc)
         sub.close()
         broker.stop()
