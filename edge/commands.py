@@ -43,7 +43,12 @@ class ReloadRequest(_Request):
 
 
 class FlashRequest(_Request):
-    url: str = Field(..., min_length=1, max_length=4096, description="http(s):// or file:// URL of the bundle")
+    url: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        description="http(s):// URL of the bundle (file:// when flash.allow_file_urls)",
+    )
     sha256: str = Field(..., pattern=r"^[0-9a-fA-F]{64}$", description="the bundle file's sha256")
 
 

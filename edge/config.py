@@ -149,6 +149,9 @@ class FlashConfig(_Section):
         description="Ed25519 public keys (PEM files, or folders of *.pub) whose bundles this device accepts",
     )
     max_download_mb: float = Field(2048.0, gt=0.0, le=65536.0, description="largest bundle a flash downloads")
+    allow_file_urls: bool = Field(
+        False, description="accept file:// URLs in MQTT cmd/flash (local files the daemon can read); else http(s) only"
+    )
 
 
 class Config(_Section):

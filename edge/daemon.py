@@ -247,7 +247,7 @@ class Daemon:
             publisher.publish_reply("flash", reply(request.id, False, "a flash is already in progress"))
             return
         try:
-            settings = settings_for(self.config)
+            settings = settings_for(self.config, remote=True)
         except CellsegError as e:
             publisher.publish_reply("flash", reply(request.id, False, str(e)))
             return

@@ -38,6 +38,9 @@ from cellseg.edge.types import Frame
 logger = logging.getLogger(__name__)
 
 ALLOWED_SCHEMES = ("file", "http", "https")
+# What a flash requested over MQTT may fetch: a remote client naming local files could probe the
+# device's file system through the error messages, so file:// needs flash.allow_file_urls.
+REMOTE_SCHEMES = ("http", "https")
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
@@ -48,6 +51,7 @@ class FlashSettings:
     facts: DeviceFacts
     backend: str = "auto"
     threads: int | None = None
+    schemes: tuple[str, ...] = ALLOWED_SCHEMES  # URL schemes flash_url may fetch
 
 
 @dataclass
@@ -58,11 +62,13 @@ class FlashResult:
     opened: OpenedEngine | None = field(default=None, repr=False)
 
 
-def fetch(url: str, sha256: str | None, dest: Path, max_bytes: int) -> Path:
-    """Download (or copy) ``url`` to ``dest``, refusing more than ``max_bytes`` or a hash mismatch."""
+def fetch(url: str, sha256: str | None, dest: Path, max_bytes: int, schemes: tuple[str, ...] = ALLOWED_SCHEMES) -> Path:
+    """Download (or copy) ``url`` to ``dest``, refusing more than ``max_bytes``, a hash mismatch or
+    a scheme not in ``schemes``."""
     scheme = urllib.parse.urlsplit(url).scheme or "file"
-    if scheme not in ALLOWED_SCHEMES:
-        raise BundleError(f"URL scheme '{scheme}' is not allowed (use {', '.join(ALLOWED_SCHEMES)})")
+    if scheme not in schemes:
+        hint = "; flash.allow_file_urls accepts local files" if scheme == "file" else ""
+        raise BundleError(f"URL scheme '{scheme}' is not allowed (use {', '.join(schemes)}{hint})")
     h, size = hashlib.sha256(), 0
     try:
         if scheme == "file":
@@ -199,7 +205,7 @@ def flash_url(
     with store.locked():
         dest = store.incoming / f"{os.getpid()}-{hashlib.sha256(url.encode()).hexdigest()[:12]}.bundle"
         try:
-            fetch(url, sha256, dest, settings.max_bytes)
+            fetch(url, sha256, dest, settings.max_bytes, settings.schemes)
             result = install(dest, store, settings, keep_engine=keep_engine)
         finally:
             dest.unlink(missing_ok=True)
@@ -217,12 +223,17 @@ def store_for(state_dir: Path) -> SlotStore:
     return SlotStore(state_dir / "engines")
 
 
-def settings_for(config: Config, facts: DeviceFacts | None = None) -> FlashSettings:
-    """Flash settings from the device configuration (keys, size limit, backend)."""
+def settings_for(config: Config, facts: DeviceFacts | None = None, *, remote: bool = False) -> FlashSettings:
+    """Flash settings from the device configuration (keys, size limit, backend). ``remote``: for a
+    flash requested over MQTT, which fetches file:// URLs only when the configuration allows it."""
+    schemes: tuple[str, ...] = ALLOWED_SCHEMES
+    if remote:
+        schemes = REMOTE_SCHEMES + (("file",) if config.flash.allow_file_urls else ())
     return FlashSettings(
         trusted_keys=load_trusted_keys(list(config.flash.trusted_keys)),
         max_bytes=int(config.flash.max_download_mb * 1024 * 1024),
         facts=facts or DeviceFacts.detect(),
         backend=config.engine.backend,
         threads=config.engine.threads,
+        schemes=schemes,
     )

@@ -12,7 +12,7 @@ from cellseg.build.bundle import generate_keypair
 from cellseg.edge.bundle import BundleError, check_files, load_trusted_keys
 from cellseg.edge.device import DeviceFacts, check_compatible, l4t_release
 from cellseg.edge.engine_select import open_engine, read_slot_manifest
-from cellseg.edge.flash import FlashSettings, fetch, flash_file, flash_url
+from cellseg.edge.flash import REMOTE_SCHEMES, FlashSettings, fetch, flash_file, flash_url, settings_for
 from cellseg.edge.slots import SlotError, SlotStore
 from tests.bundle_tools import bad_bundles
 
@@ -106,10 +106,24 @@ def test_downloads_are_size_limited_and_hash_checked(bundles: dict[str, Path], t
         fetch(good.as_uri(), "0" * 64, tmp_path / "dl", max_bytes=1 << 30)
     with pytest.raises(BundleError, match="scheme 'ftp'"):
         fetch("ftp://example.org/x.cellseg", digest, tmp_path / "dl", max_bytes=1 << 30)
+    with pytest.raises(BundleError, match=r"scheme 'file' is not allowed .*flash\.allow_file_urls"):
+        fetch(good.as_uri(), digest, tmp_path / "dl", max_bytes=1 << 30, schemes=REMOTE_SCHEMES)
     with pytest.raises(BundleError, match="cannot fetch"):
         fetch((tmp_path / "absent.cellseg").as_uri(), digest, tmp_path / "dl", max_bytes=1 << 30)
     assert not (tmp_path / "dl").exists()
     assert fetch(good.as_uri(), digest, tmp_path / "dl", max_bytes=1 << 30).read_bytes() == good.read_bytes()
+
+
+def test_a_flash_over_mqtt_fetches_local_files_only_when_the_config_allows_it(signing_keys: tuple[Path, Path]) -> None:
+    from cellseg.edge.config import parse_config
+
+    base = {"device_id": "scope-1", "model": "m.onnx", "source": {"kind": "folder", "path": "/data/in"},
+            "flash": {"trusted_keys": [str(signing_keys[1])]}}  # fmt: skip
+    config = parse_config(base)
+    assert settings_for(config, CPU).schemes == ("file", "http", "https")  # `cellseg flash` on the device
+    assert settings_for(config, CPU, remote=True).schemes == ("http", "https")
+    base["flash"]["allow_file_urls"] = True  # type: ignore[index]
+    assert "file" in settings_for(parse_config(base), CPU, remote=True).schemes
 
 
 def test_flash_by_url_removes_its_download_and_a_device_without_keys_refuses_everything(

@@ -118,6 +118,8 @@ def test_flashing_a_running_daemon(
         wrong_hash = flash("wrong-hash", f"{base}/{good.name}", "ab" * 32)
         assert "sha256" in wrong_hash["error"]
         assert "scheme" in flash("ftp", "ftp://127.0.0.1/x.cellseg", _sha(good))["error"]
+        # A local path, even of a good bundle: not over MQTT unless flash.allow_file_urls.
+        assert "scheme 'file' is not allowed" in flash("file", good.as_uri(), _sha(good))["error"]
 
         # From a shell: `cellseg flash` activates, the running daemon swaps; `cellseg rollback` too.
         cli = [sys.executable, "-m", "cellseg"]
