@@ -565,19 +565,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.config is not None and args.model is not None:
         print("cellseg bench: error: --config and --model name the engine twice; give one", file=sys.stderr)
         return 2
-    thresholds, pixel_size = None, None
-    if args.config is not None:
-        config = load_config(args.config)
+    config = load_config(args.config) if args.config is not None else None
+    if config is not None:
         candidates = configured_candidates(store_for(config.state_dir), config.model)
         opened, _, _ = open_first(candidates, config.engine.backend, args.threads or config.engine.threads)
-        p = config.postprocess
-        thresholds = opened.engine.info.thresholds.overridden(conf=p.conf, iou=p.iou, max_det=p.max_det)
-        pixel_size = config.measurement.pixel_size_um
     else:
         opened = open_engine(args.model or default_model(), threads=args.threads)
     try:
         print(f"engine: {opened.describe()}", file=sys.stderr)
-        predictor = predictor_for(opened, thresholds, pixel_size)
+        predictor = predictor_for(opened, config)
         report = run_bench(opened.engine, images, runs=args.runs, predictor=predictor)
     finally:
         opened.engine.close()

@@ -119,17 +119,17 @@ def run_bench(
         ms_per_image=1e3 * wall / n,
         stage_ms={s: statistics.median(lat[s] for lat in latencies) for s in STAGES if s in latencies[0]},
         cells_per_frame=statistics.median(cells),
-        engine_images_per_s=engine_rate(engine, pipeline, frames[0], n) if engine_alone else 0.0,
+        engine_images_per_s=engine_rate(pipeline, frames[0], n) if engine_alone else 0.0,
     )
 
 
-def engine_rate(engine: Engine, pipeline: Predictor | GpuPredictor, frame: Frame, count: int) -> float:
-    """Images/s of the engine alone: ``count`` inferences of ``frame``'s prepared input."""
+def engine_rate(pipeline: Predictor | GpuPredictor, frame: Frame, count: int) -> float:
+    """Images/s of the pipeline's engine alone: ``count`` inferences of ``frame``'s prepared input."""
     if isinstance(pipeline, Predictor):
         tensor, _ = pipeline.preprocessor(frame)
         start = time.perf_counter()
         for _ in range(count):
-            engine.infer(tensor)
+            pipeline.engine.infer(tensor)
         return count / (time.perf_counter() - start)
     # TensorRT: the input written once on the device, the engine run on it; nothing copied.
     gpu_engine = pipeline.engine

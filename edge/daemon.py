@@ -170,13 +170,9 @@ class Daemon:
             self.last_error = "fell back to another engine: " + "; ".join(errors)
 
     def _use(self, opened: OpenedEngine, target: str | None) -> None:
-        c = self.config
-        thresholds = opened.engine.info.thresholds.overridden(
-            conf=c.postprocess.conf, iou=c.postprocess.iou, max_det=c.postprocess.max_det
-        )
         old = self._opened
         try:
-            predictor = predictor_for(opened, thresholds, c.measurement.pixel_size_um)
+            predictor = predictor_for(opened, self.config)
         except Exception as e:  # e.g. the CUDA kernels do not compile: keep what runs now
             opened.engine.close()
             raise ConfigError(f"cannot run {opened.path}: {type(e).__name__}: {e}") from e

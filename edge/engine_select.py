@@ -17,11 +17,12 @@ from cellseg.edge.bundle import MANIFEST, BundleError, Manifest, check_files, pa
 from cellseg.edge.engine import Engine
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import CellsegError, ConfigError, ModelError
-from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo, PostprocessConfig
+from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.slots import SlotStore
 
 if TYPE_CHECKING:
+    from cellseg.edge.config import Config
     from cellseg.edge.gpu_predictor import GpuPredictor
 
 logger = logging.getLogger(__name__)
@@ -124,11 +125,18 @@ def open_first(
     raise ConfigError("no engine can be loaded: " + "; ".join(errors))
 
 
-def predictor_for(
-    opened: OpenedEngine, thresholds: PostprocessConfig | None = None, pixel_size_um: float | None = None
-) -> Predictor | GpuPredictor:
+def predictor_for(opened: OpenedEngine, config: Config | None = None) -> Predictor | GpuPredictor:
     """The pipeline around an opened engine: pre- and post-processing in CUDA kernels for a
-    TensorRT engine (masks come back only when asked for), numpy/OpenCV for ONNX Runtime."""
+    TensorRT engine (masks come back only when asked for), numpy/OpenCV for ONNX Runtime.
+
+    ``config``: the device configuration, whose postprocess overrides and pixel size apply
+    (the model's own thresholds when ``None``).
+    """
+    thresholds, pixel_size_um = opened.engine.info.thresholds, None
+    if config is not None:
+        p = config.postprocess
+        thresholds = thresholds.overridden(conf=p.conf, iou=p.iou, max_det=p.max_det)
+        pixel_size_um = config.measurement.pixel_size_um
     if opened.backend == "tensorrt":
         from cellseg.edge.engine_tensorrt import TensorRTEngine
         from cellseg.edge.gpu_predictor import GpuPredictor
