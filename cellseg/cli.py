@@ -400,28 +400,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.broker and not use_broker:
         print(f"cellseg demo: no MQTT broker answers at {host}:{port}; printing only", file=sys.stderr)
     samples = SAMPLES_DIR
-    state = Path(tempfile.mkdtemp(prefix="cellseg-demo-"))
-    config = parse_config(
-        {
-            "device_id": "demo",
-            "model": str(default_model()),
-            "state_dir": str(state),
-            "source": {"kind": "images", "images": sorted(str(p) for p in samples.glob("*.png")),
-                       "loop": args.loop, "interval_s": args.interval},
-            "mqtt": {"enabled": use_broker, "host": host, "port": port},
-            "overlay": {"dir": str(args.overlay)},
-        },
-        "demo",
-    )  # fmt: skip
-    where = f"publishing to {host}:{port} under {config.topic_prefix}/" if use_broker else "no MQTT broker found"
-    print(f"cellseg demo: {where}; overlays in {args.overlay}/", file=sys.stderr)
+    # The demo's state (its spool) lives as long as the demo: nothing is left behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="cellseg-demo-") as state:
+        config = parse_config(
+            {
+                "device_id": "demo",
+                "model": str(default_model()),
+                "state_dir": str(state),
+                "source": {"kind": "images", "images": sorted(str(p) for p in samples.glob("*.png")),
+                           "loop": args.loop, "interval_s": args.interval},
+                "mqtt": {"enabled": use_broker, "host": host, "port": port},
+                "overlay": {"dir": str(args.overlay)},
+            },
+            "demo",
+        )  # fmt: skip
+        where = f"publishing to {host}:{port} under {config.topic_prefix}/" if use_broker else "no MQTT broker found"
+        print(f"cellseg demo: {where}; overlays in {args.overlay}/", file=sys.stderr)
 
-    def echo(record: dict[str, object]) -> None:
-        print(json.dumps({k: record[k] for k in ("seq", "image", "count", "confluence_pct")}), flush=True)
+        def echo(record: dict[str, object]) -> None:
+            print(json.dumps({k: record[k] for k in ("seq", "image", "count", "confluence_pct")}), flush=True)
 
-    daemon = Daemon(config, echo=echo)
-    daemon.install_signal_handlers()
-    return daemon.run()
+        daemon = Daemon(config, echo=echo)
+        daemon.install_signal_handlers()
+        return daemon.run()
 
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:

@@ -192,12 +192,15 @@ def test_demo_prints_measurements_and_publishes_when_a_broker_answers(tmp_path: 
         broker.start()
     try:
         sub = Subscriber(broker.host, broker.port, "cellseg/demo/#") if with_broker else None
+        scratch = tmp_path / "scratch"  # the demo's temporary state goes here, and must go away
+        scratch.mkdir()
         proc = subprocess.run(
             [sys.executable, "-m", "cellseg", "demo", "--broker", f"{broker.host}:{broker.port}",
              "--overlay", str(tmp_path / "overlays")],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "TMPDIR": str(scratch)},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
+        assert list(scratch.glob("cellseg-*")) == []
         lines = [json.loads(line) for line in proc.stdout.splitlines()]
         assert [r["seq"] for r in lines] == [1, 2, 3] and all(r["count"] > 0 for r in lines)
         assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
