@@ -63,14 +63,16 @@ def bench_cellseg(model: Path, frames: list[Path], conf: float, runs: int, threa
     return {"rows": rows, "images_per_s": len(rows) / wall, "count": statistics.median(counts)}
 
 
-def bench_ultralytics(model: Path, frames: list[Path], conf: float, runs: int, retina: bool) -> dict[str, Any]:
+def bench_ultralytics(
+    model: Path, frames: list[Path], conf: float, runs: int, *, retina: bool, settings: Path
+) -> dict[str, Any]:
     import cv2
 
     from cellseg.edge.imageio import read_image
     from cellseg.edge.intensity import to_uint8
     from cellseg.training.offline import import_ultralytics_offline
 
-    ultralytics = import_ultralytics_offline(Path(tempfile.mkdtemp(prefix="bench-ultralytics-")))
+    ultralytics = import_ultralytics_offline(settings)
     yolo = ultralytics.YOLO(str(model), task="segment")
     warm = cv2.cvtColor(to_uint8(read_image(frames[0])), cv2.COLOR_GRAY2BGR)
     for _ in range(2):
@@ -112,20 +114,27 @@ def main() -> int:
     header += f"{'pre+post':>10}{'% of inf':>10}{'non-inf':>9}{'img/s':>8}"
     print(header)
     print("-" * len(header))
-    for conf in args.conf:
-        results = {"cellseg": bench_cellseg(args.model, frames, conf, args.runs, args.threads)}
-        if not args.no_ultralytics:
-            # retina: masks at the frame's resolution, the same output as cellseg's; default:
-            # ultralytics' default predict, masks at the 640x640 input resolution only.
-            results["ultra-retina"] = bench_ultralytics(args.model, frames, conf, args.runs, retina=True)
-            results["ultra-default"] = bench_ultralytics(args.model, frames, conf, args.runs, retina=False)
-        for name, res in results.items():
-            med = {s: _median(res["rows"], s) for s in stages}
-            pre_post = med["preprocess"] + med["postprocess"]
-            non_inf = med["preprocess"] + med["postprocess"] + med["measure"]
-            cells = f"{name:<14}{conf:>6}{res['count']:>7.0f}" + "".join(f"{med[s]:>12.2f}" for s in stages)
-            share = 100 * pre_post / med["infer"]
-            print(f"{cells}{pre_post:>10.2f}{share:>9.1f}%{non_inf:>9.2f}{res['images_per_s']:>8.2f}")
+    # ultralytics' settings for this run, removed with it.
+    with tempfile.TemporaryDirectory(prefix="bench-ultralytics-") as tmp:
+        settings = Path(tmp)
+        for conf in args.conf:
+            results = {"cellseg": bench_cellseg(args.model, frames, conf, args.runs, args.threads)}
+            if not args.no_ultralytics:
+                # retina: masks at the frame's resolution, the same output as cellseg's; default:
+                # ultralytics' default predict, masks at the 640x640 input resolution only.
+                results["ultra-retina"] = bench_ultralytics(
+                    args.model, frames, conf, args.runs, retina=True, settings=settings
+                )
+                results["ultra-default"] = bench_ultralytics(
+                    args.model, frames, conf, args.runs, retina=False, settings=settings
+                )
+            for name, res in results.items():
+                med = {s: _median(res["rows"], s) for s in stages}
+                pre_post = med["preprocess"] + med["postprocess"]
+                non_inf = med["preprocess"] + med["postprocess"] + med["measure"]
+                cells = f"{name:<14}{conf:>6}{res['count']:>7.0f}" + "".join(f"{med[s]:>12.2f}" for s in stages)
+                share = 100 * pre_post / med["infer"]
+                print(f"{cells}{pre_post:>10.2f}{share:>9.1f}%{non_inf:>9.2f}{res['images_per_s']:>8.2f}")
     print("times: median ms per frame; pre+post: preprocess + postprocess; non-inf: everything but decode and "
           "inference; img/s: end to end including decode")  # fmt: skip
     return 0
