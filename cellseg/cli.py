@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", action="append", choices=["train", "val", "test"], help="splits (default: val and test)")
     ev.add_argument("--json", type=Path, dest="json_out", help="also write the report as JSON to this file")
     ev.add_argument("--conf", type=float, help="operating confidence for counts (default: the model's)")
+    ev.add_argument(
+        "--sweep-conf",
+        type=_conf_sweep,
+        metavar="START:STOP:STEP",
+        help="also report count and confluence errors at each of these confidences (e.g. 0.3:0.6:0.05, "
+        "STOP included), to choose the one to ship; sweep on the train split",
+    )
     ev.add_argument("--threads", type=int)
 
     ex = sub.add_parser("export", help="export trained weights to ONNX with metadata, checked against PyTorch")
@@ -290,11 +298,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conf_sweep(text: str) -> list[float]:
+    """``START:STOP:STEP`` -> the confidences from START to STOP inclusive."""
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP:STEP such as 0.3:0.6:0.05, got {text!r}") from None
+    if not (0.0 < start <= stop < 1.0 and step > 0.0):
+        raise argparse.ArgumentTypeError(f"need 0 < START <= STOP < 1 and STEP > 0, got {text!r}")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} makes {count} confidences; at most 1000")
+    # Rounded, so that 0.1 + 2 * 0.05 is stored (and printed) as 0.2.
+    return [round(start + i * step, 6) for i in range(count)]
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from cellseg.training.evaluate import evaluate, write_json
 
     splits = tuple(args.split) if args.split else ("val", "test")
-    report, _ = evaluate(args.model, args.data, splits, operating_conf=args.conf, threads=args.threads)
+    report, _ = evaluate(
+        args.model, args.data, splits, operating_conf=args.conf, threads=args.threads, sweep=args.sweep_conf or ()
+    )
     if not report.splits:
         print(f"no images in splits {', '.join(splits)} of {args.data}", file=sys.stderr)
         return 2

@@ -7,12 +7,16 @@ framework. Reported per split:
 - box and mask Precision, Recall, mAP@50, mAP@50-95 (COCO protocol, see metrics.py), from
   predictions at a low confidence (0.001) as is customary for mAP;
 - per image, cell count and confluence of the predictions at the model's operating confidence
-  against the ground truth, with their errors (count: cells and %; confluence: percentage points).
+  against the ground truth, with their errors (count: cells and %; confluence: percentage points);
+- optionally a sweep of the operating confidence: count and confluence errors at each value, from
+  the same predictions, to choose the confidence a model ships with (on the train split, so the
+  held-out numbers stay held out).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-from cellseg.edge.errors import DatasetError
+from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Detections, Frame, union_of_masks
@@ -44,6 +48,16 @@ class ImageResult:
 
 
 @dataclass
+class SweepRow:
+    """Count and confluence errors of one split at one operating confidence."""
+
+    conf: float
+    count_mae: float
+    count_mape_pct: float
+    confluence_mae_pp: float
+
+
+@dataclass
 class SplitReport:
     split: str
     images: int
@@ -54,6 +68,11 @@ class SplitReport:
     count_mape_pct: float
     confluence_mae_pp: float
     per_image: list[ImageResult] = field(default_factory=list)
+    sweep: list[SweepRow] = field(default_factory=list)
+
+    def best_conf(self) -> SweepRow | None:
+        """The swept confidence with the smallest count error (the lower one on a tie)."""
+        return min(self.sweep, key=lambda r: (r.count_mae, r.conf)) if self.sweep else None
 
 
 @dataclass
@@ -87,6 +106,18 @@ class EvalReport:
                 lines.append(
                     f"  {s.split + '/' + r.image:<28}{r.gt_count:>5}{r.pred_count:>6}{r.count_error:>+6}"
                     f"{r.gt_confluence_pct:>10.2f}{r.pred_confluence_pct:>11.2f}{r.confluence_error_pp:>+8.2f}"
+                )
+        for s in self.splits:
+            best = s.best_conf()
+            if best is None:
+                continue
+            lines.append("")
+            lines.append(f"operating confidence sweep, {s.split} ({s.images} images):")
+            lines.append(f"  {'conf':>6}{'count MAE':>11}{'MAPE%':>8}{'confl. MAE pp':>15}")
+            for r in s.sweep:
+                mark = "  <- smallest count error" if r is best else ""
+                lines.append(
+                    f"  {r.conf:>6.3f}{r.count_mae:>11.2f}{r.count_mape_pct:>8.1f}{r.confluence_mae_pp:>15.2f}{mark}"
                 )
         return "\n".join(lines)
 
@@ -162,9 +193,17 @@ def evaluate(
     threads: int | None = None,
     progress: bool = True,
     keep_predictions: bool = False,
+    sweep: Sequence[float] = (),
 ) -> tuple[EvalReport, dict[str, list[tuple[str, Instances, Instances]]]]:
     """Evaluate an ONNX model; returns the report and, with ``keep_predictions``, the raw
-    (image, ground truth, predictions) triples per split (for cross-checks)."""
+    (image, ground truth, predictions) triples per split (for cross-checks).
+
+    ``sweep``: operating confidences (each >= EVAL_CONF and < 1) at which to also report the
+    count and confluence errors of every split.
+    """
+    bad = [c for c in sweep if not EVAL_CONF <= c < 1.0]
+    if bad:
+        raise ConfigError(f"sweep confidences must lie in [{EVAL_CONF}, 1): got {bad}")
     data = load_data_yaml(data_yaml)
     kept: dict[str, list[tuple[str, Instances, Instances]]] = {}
     reports = []
@@ -181,6 +220,7 @@ def evaluate(
                 continue
             acc = {kind: [Accumulator() for _ in range(n_classes)] for kind in ("box", "mask")}
             per_image, triples = [], []
+            swept: dict[float, list[ImageResult]] = {conf: [] for conf in sorted(set(sweep))}
             for image_path, label_path in tqdm(pairs, desc=f"eval {split}", unit="image", disable=not progress):
                 pixels = read_image(image_path)
                 h, w = pixels.shape[:2]
@@ -190,19 +230,41 @@ def evaluate(
                 for kind in ("box", "mask"):
                     for c in range(n_classes):
                         acc[kind][c].add(*image_matches(gt, pred, c, kind))
-                operating = pred.scores > op_conf
-                pc, gc = int(operating.sum()), len(gt)
-                gconf, pconf = union_pct(gt, w, h), union_pct(pred, w, h, operating)
-                per_image.append(
-                    ImageResult(
-                        image_path.stem, gc, pc, pc - gc, round(gconf, 4), round(pconf, 4), round(pconf - gconf, 4)
-                    )
-                )
+                gconf = union_pct(gt, w, h)
+                per_image.append(_image_result(image_path.stem, len(gt), gconf, pred, (w, h), conf=op_conf))
+                # The detections were kept down to EVAL_CONF, and greedy NMS only lets a higher score
+                # suppress a lower one, so those above any higher confidence are exactly what the
+                # device keeps at that confidence: one inference serves the whole sweep.
+                for conf, results in swept.items():
+                    results.append(_image_result(image_path.stem, len(gt), gconf, pred, (w, h), conf=conf))
                 if keep_predictions:
                     triples.append((str(image_path), gt, pred))
             kept[split] = triples
-            reports.append(_split_report(split, acc, per_image))
+            report = _split_report(split, acc, per_image)
+            report.sweep = [SweepRow(conf, *_count_errors(results)) for conf, results in swept.items()]
+            reports.append(report)
     return EvalReport(str(model), str(data_yaml), op_conf, reports), kept
+
+
+def _image_result(
+    name: str, gt_count: int, gt_confluence: float, pred: Instances, size: tuple[int, int], *, conf: float
+) -> ImageResult:
+    """One image's count and confluence at operating confidence ``conf``."""
+    operating = pred.scores > conf
+    count = int(operating.sum())
+    confluence = union_pct(pred, *size, operating)
+    return ImageResult(
+        name, gt_count, count, count - gt_count, round(gt_confluence, 4), round(confluence, 4),
+        round(confluence - gt_confluence, 4),
+    )  # fmt: skip
+
+
+def _count_errors(per_image: list[ImageResult]) -> tuple[float, float, float]:
+    """Count MAE (cells), count MAPE (%) and confluence MAE (pp) over images."""
+    gt = np.array([r.gt_count for r in per_image], dtype=np.float64)
+    abs_err = np.abs(np.array([r.pred_count for r in per_image], dtype=np.float64) - gt)
+    confluence = np.array([abs(r.confluence_error_pp) for r in per_image])
+    return float(abs_err.mean()), float(100 * (abs_err / np.maximum(gt, 1)).mean()), float(confluence.mean())
 
 
 def _split_report(split: str, acc: dict[str, list[Accumulator]], per_image: list[ImageResult]) -> SplitReport:
@@ -219,18 +281,16 @@ def _split_report(split: str, acc: dict[str, list[Accumulator]], per_image: list
             "mAP50-95": float(aps.mean()),
         }
 
-    counts = np.array([[r.gt_count, r.pred_count] for r in per_image], dtype=np.float64)
-    conf_err = np.array([abs(r.confluence_error_pp) for r in per_image])
-    abs_err = np.abs(counts[:, 1] - counts[:, 0])
+    mae, mape, confluence_mae = _count_errors(per_image)
     return SplitReport(
         split=split,
         images=len(per_image),
-        instances=int(counts[:, 0].sum()),
+        instances=sum(r.gt_count for r in per_image),
         box=summary(acc["box"]),
         mask=summary(acc["mask"]),
-        count_mae=float(abs_err.mean()),
-        count_mape_pct=float(100 * (abs_err / np.maximum(counts[:, 0], 1)).mean()),
-        confluence_mae_pp=float(conf_err.mean()),
+        count_mae=mae,
+        count_mape_pct=mape,
+        confluence_mae_pp=confluence_mae,
         per_image=per_image,
     )
 

@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from cellseg.cli import main
+from cellseg.edge.errors import ConfigError
 from cellseg.training.evaluate import EvalReport, evaluate
 from cellseg.training.metrics import Instances
 
@@ -104,3 +105,47 @@ def test_eval_command_prints_the_table_and_writes_json(
     data = json.loads(out_json.read_text())
     assert [s["split"] for s in data["splits"]] == ["val"]  # the dataset has no test split
     assert set(data["splits"][0]["mask"]) == {"P", "R", "mAP50", "mAP50-95"}
+
+
+def test_the_confidence_sweep_equals_evaluating_at_each_confidence(
+    shipped_model: Path, usiigaci_dataset: Path, evaluated: tuple[EvalReport, list[Any]]
+) -> None:
+    data = usiigaci_dataset / "data.yaml"
+    headline = evaluated[0]
+    own = headline.operating_conf  # the model's shipped confidence
+    report, _ = evaluate(shipped_model, data, ("val",), progress=False, sweep=[0.6, 0.2, own, 0.2])
+    split = report.splits[0]
+    assert [r.conf for r in split.sweep] == sorted({0.2, 0.6, own})
+    # At the model's own confidence the sweep row is the report's headline.
+    row = next(r for r in split.sweep if r.conf == own)
+    base = headline.splits[0]
+    assert (row.count_mae, row.count_mape_pct, row.confluence_mae_pp) == (
+        base.count_mae, base.count_mape_pct, base.confluence_mae_pp
+    )  # fmt: skip
+    # Elsewhere it is what a separate evaluation at that operating confidence reports.
+    for conf in (0.2, 0.6):
+        alone = evaluate(shipped_model, data, ("val",), progress=False, operating_conf=conf)[0].splits[0]
+        row = next(r for r in split.sweep if r.conf == conf)
+        assert (row.count_mae, row.count_mape_pct, row.confluence_mae_pp) == pytest.approx(
+            (alone.count_mae, alone.count_mape_pct, alone.confluence_mae_pp)
+        )
+    assert split.best_conf() is min(split.sweep, key=lambda r: (r.count_mae, r.conf))
+    with pytest.raises(ConfigError, match="sweep confidences"):
+        evaluate(shipped_model, data, ("val",), progress=False, sweep=[0.0001])
+
+
+def test_eval_command_sweeps_the_operating_confidence(
+    capsys: pytest.CaptureFixture[str], shipped_model: Path, usiigaci_dataset: Path, tmp_path: Path
+) -> None:
+    out_json = tmp_path / "eval.json"
+    data = str(usiigaci_dataset / "data.yaml")
+    code = main(["eval", str(shipped_model), "--data", data, "--sweep-conf", "0.3:0.5:0.1", "--json", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "operating confidence sweep, val (5 images)" in out and out.count("<- smallest count error") == 1
+    sweep = json.loads(out_json.read_text())["splits"][0]["sweep"]
+    assert [r["conf"] for r in sweep] == [0.3, 0.4, 0.5]
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(shipped_model), "--data", data, "--sweep-conf", "0.5:0.3:0.1"])
+    assert exc.value.code == 2
+    assert "need 0 < START <= STOP < 1" in capsys.readouterr().err
