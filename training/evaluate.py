@@ -114,10 +114,11 @@ class EvalReport:
             lines.append("")
             lines.append(f"operating confidence sweep, {s.split} ({s.images} images):")
             lines.append(f"  {'conf':>6}{'count MAE':>11}{'MAPE%':>8}{'confl. MAE pp':>15}")
-            for r in s.sweep:
-                mark = "  <- smallest count error" if r is best else ""
+            for row in s.sweep:
+                mark = "  <- smallest count error" if row is best else ""
                 lines.append(
-                    f"  {r.conf:>6.3f}{r.count_mae:>11.2f}{r.count_mape_pct:>8.1f}{r.confluence_mae_pp:>15.2f}{mark}"
+                    f"  {row.conf:>6.3f}{row.count_mae:>11.2f}{row.count_mape_pct:>8.1f}"
+                    f"{row.confluence_mae_pp:>15.2f}{mark}"
                 )
         return "\n".join(lines)
 

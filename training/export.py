@@ -60,15 +60,35 @@ class ExportReport:
 
 
 def _run_metadata(run_dir: Path) -> dict[str, Any]:
-    """Recipe, dataset hash and best epoch from the training run, when its files are there."""
+    """Recipe and dataset hash from the training run, when its files are there."""
     meta: dict[str, Any] = {}
     if (run_dir / "recipe.yaml").is_file():
         meta["recipe"] = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     if (run_dir / "manifest.json").is_file():
         manifest = json.loads((run_dir / "manifest.json").read_text())
         meta["dataset_sha256"] = manifest.get("dataset_sha256", "")
-        meta["best_epoch"] = manifest.get("best_epoch")
     return meta
+
+
+def weights_epoch(checkpoint: dict[str, Any]) -> dict[str, float] | None:
+    """The epoch these weights were saved at, with that epoch's row of the training results.
+
+    Read from the checkpoint itself, not the run folder: ``best.pt`` and ``last.pt`` of one run
+    are different epochs (and a published copy is neither file). ultralytics stores the weights'
+    own validation metrics and the results of every epoch; the epoch is the one whose metrics
+    they are (the latest, should two epochs have the same). ``None`` when the checkpoint lacks them.
+    """
+    metrics = checkpoint.get("train_metrics") or {}
+    results = checkpoint.get("train_results") or {}
+    epochs = results.get("epoch") or []
+    keys = [k for k in metrics if k in results and k != "epoch"]
+    if not keys:
+        return None
+    for i in reversed(range(len(epochs))):
+        # Both are rounded to 5 decimals by ultralytics; compare at that precision.
+        if all(abs(float(results[k][i]) - float(metrics[k])) <= 1e-5 for k in keys):
+            return {k: float(v[i]) for k, v in results.items() if len(v) == len(epochs)}
+    return None
 
 
 def export_onnx(
@@ -128,6 +148,7 @@ def export_onnx(
                 "precision": "fp32",
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source_weights": weights.name,
+                "weights_epoch": weights_epoch(getattr(model, "ckpt", None) or {}),
                 **_run_metadata(run_dir or weights.resolve().parent.parent),
             },
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
 from cellseg.edge.errors import ModelError
@@ -14,7 +15,7 @@ from cellseg.edge.imageio import read_image
 from cellseg.edge.postprocess import PostprocessConfig
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Frame
-from cellseg.training.export import export_onnx
+from cellseg.training.export import export_onnx, weights_epoch
 from tests.conftest import SAMPLES, SHIPPED_WEIGHTS
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,9 @@ def test_export_matches_pytorch_and_carries_metadata(
     assert meta["weights_sha256"] == file_sha256(weights)
     assert meta["intensity_mapping"] == {"low_pct": 0.5, "high_pct": 99.5, "max_samples": 65536, "method": "percentile"}
     assert meta["precision"] == "fp32"
+    # The epoch of these weights, with the validation metrics they were saved with.
+    saved = torch.load(weights, map_location="cpu", weights_only=False)["train_metrics"]
+    assert meta["weights_epoch"]["metrics/mAP50-95(M)"] == pytest.approx(saved["metrics/mAP50-95(M)"], abs=1e-5)
 
     # The fresh export behaves exactly like the shipped one on a real 16-bit frame.
     frame = Frame(read_image(usiigaci / "val/set48/raw.tif"))
@@ -63,3 +67,18 @@ def test_export_refuses_without_real_images(weights: Path, tmp_path: Path) -> No
 def test_export_refuses_missing_weights(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no such weights file"):
         export_onnx(tmp_path / "none.pt", tmp_path / "m.onnx", [SAMPLES / "usiigaci-val-set50.png"])
+
+
+def test_the_weights_epoch_is_the_one_whose_metrics_the_checkpoint_carries(weights: Path) -> None:
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    results = checkpoint["train_results"]
+    last = len(results["epoch"]) - 1
+    assert weights_epoch(checkpoint) == {k: pytest.approx(float(v[last])) for k, v in results.items()}
+    # An earlier epoch's weights (as best.pt usually is): that epoch, not the run's last or best.
+    metric_keys = [k for k in checkpoint["train_metrics"] if k in results]
+    earlier = {**checkpoint, "train_metrics": {k: results[k][40] for k in metric_keys}}
+    found = weights_epoch(earlier)
+    assert found is not None and found["epoch"] == results["epoch"][40]
+    # Metrics that match no epoch, or a checkpoint without them: unknown, not a guess.
+    assert weights_epoch({**checkpoint, "train_metrics": {k: -1.0 for k in metric_keys}}) is None
+    assert weights_epoch({"model": None}) is None
