@@ -64,7 +64,7 @@ def export_architecture(workdir: Path, shipped: Path) -> Path:
 
     source = onnx.load(str(shipped))
     ours = json.loads({p.key: p.value for p in source.metadata_props}[CELLSEG_METADATA_KEY])
-    for key in ("weights_sha256", "recipe", "best_epoch", "dataset_sha256"):
+    for key in ("weights_sha256", "recipe", "best_epoch", "weights_epoch", "dataset_sha256"):
         ours.pop(key, None)
     ours["source_weights"] = f"untrained {ARCHITECTURE} (architecture timing only)"
     graph = onnx.load(str(exported))

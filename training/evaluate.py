@@ -220,8 +220,9 @@ def evaluate(
             if not pairs:
                 continue
             acc = {kind: [Accumulator() for _ in range(n_classes)] for kind in ("box", "mask")}
-            per_image, triples = [], []
-            swept: dict[float, list[ImageResult]] = {conf: [] for conf in sorted(set(sweep))}
+            triples = []
+            # Per image results at the operating confidence and at each swept one.
+            at_conf: dict[float, list[ImageResult]] = {conf: [] for conf in sorted({*sweep, op_conf})}
             for image_path, label_path in tqdm(pairs, desc=f"eval {split}", unit="image", disable=not progress):
                 pixels = read_image(image_path)
                 h, w = pixels.shape[:2]
@@ -232,17 +233,16 @@ def evaluate(
                     for c in range(n_classes):
                         acc[kind][c].add(*image_matches(gt, pred, c, kind))
                 gconf = union_pct(gt, w, h)
-                per_image.append(_image_result(image_path.stem, len(gt), gconf, pred, (w, h), conf=op_conf))
                 # The detections were kept down to EVAL_CONF, and greedy NMS only lets a higher score
                 # suppress a lower one, so those above any higher confidence are exactly what the
-                # device keeps at that confidence: one inference serves the whole sweep.
-                for conf, results in swept.items():
+                # device keeps at that confidence: one inference serves every confidence.
+                for conf, results in at_conf.items():
                     results.append(_image_result(image_path.stem, len(gt), gconf, pred, (w, h), conf=conf))
                 if keep_predictions:
                     triples.append((str(image_path), gt, pred))
             kept[split] = triples
-            report = _split_report(split, acc, per_image)
-            report.sweep = [SweepRow(conf, *_count_errors(results)) for conf, results in swept.items()]
+            report = _split_report(split, acc, at_conf[op_conf])
+            report.sweep = [SweepRow(conf, *_count_errors(at_conf[conf])) for conf in sorted(set(sweep))]
             reports.append(report)
     return EvalReport(str(model), str(data_yaml), op_conf, reports), kept
 
