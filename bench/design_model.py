@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -74,32 +73,12 @@ def export_architecture(workdir: Path, shipped: Path) -> Path:
     return out
 
 
-def infer_ms(model: Path, tensors: list, threads: int, runs: int) -> float:  # type: ignore[type-arg]
-    """Median ms of one inference on the prepared inputs."""
-    import time
-
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-
-    with OnnxRuntimeEngine(model, threads=threads) as engine:
-        engine.warmup(2)
-        times = []
-        for _ in range(runs):
-            for x in tensors:
-                t0 = time.perf_counter()
-                engine.infer(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> int:
     from cellseg.build.quantize import choose_calibration_images, quantize
     from cellseg.edge.benchmark import run_bench
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.imageio import read_image
     from cellseg.edge.postprocess import PostprocessConfig
     from cellseg.edge.predictor import Predictor
-    from cellseg.edge.preprocess import Preprocessor
-    from cellseg.edge.types import Frame
     from cellseg.training.import_labels import import_label_images
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,13 +104,12 @@ def main() -> int:
         quantize(fp32, int8, choose_calibration_images(dataset / "images" / "train", 20), progress=False)
 
         with OnnxRuntimeEngine(shipped, threads=args.threads) as engine:
-            info = engine.info
             predictor = Predictor(engine, PostprocessConfig(conf=args.conf, iou=0.7, max_det=1000))
             report = run_bench(engine, frames, runs=args.runs, warmup=2, predictor=predictor, engine_alone=False)
-        pre = Preprocessor(info.input_width, info.input_height, info.mapping)
-        tensors = [pre(Frame(read_image(f)))[0].copy() for f in frames]
-        times = {"fp32": infer_ms(fp32, tensors, args.threads, args.runs)}
-        times["int8"] = infer_ms(int8, tensors, args.threads, args.runs)
+        times = {}  # the design model's median inference, through the same pipeline
+        for name, path in (("fp32", fp32), ("int8", int8)):
+            with OnnxRuntimeEngine(path, threads=args.threads) as engine:
+                times[name] = run_bench(engine, frames, runs=args.runs, warmup=2, engine_alone=False).stage_ms["infer"]
 
     stage = report.stage_ms
     pre_post = stage["preprocess"] + stage["postprocess"]
