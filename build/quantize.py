@@ -5,13 +5,24 @@ INT8 activations (on x86 CPUs signed activations run slower than FP32: the u8s8 
 the fast ones), MinMax calibration. The same Q/DQ model builds an explicit-quantisation
 TensorRT INT8 engine.
 
+The weights use 7 bits of the signed range (ONNX Runtime's ``reduce_range``). x86 CPUs without
+VNNI (AVX2 only, such as AMD Zen 3) multiply u8 by s8 with ``vpmaddubsw``, which saturates the
+sum of two products at 16 bits; with full-range weights those CPUs compute a different model
+than VNNI CPUs or TensorRT do, so the accuracy gate's verdict would depend on the machine that
+ran it. Measured on the shipped model on a Zen 3: full-range weights lost 0.82 mask mAP points
+there, 7-bit weights none.
+
 The Segment head's decode (the DFL softmax, the box arithmetic, the class sigmoid and the
 concatenation of boxes, scores and coefficients) stays in float by default: one activation scale
 cannot span box coordinates in pixels and scores in [0, 1], and quantising it kills every
-detection. Its Conv branches and the prototype branch are quantised (measured on the shipped
-model: keeping all of the head's activations in float is slower and no more accurate).
-``head="quantize"`` quantises them anyway; it exists so the accuracy gate can be shown to
-refuse such a model.
+detection. So do the class-logit convolutions (the last Conv of each ``cv3`` branch): the count
+is decided where a score crosses the operating confidence, and one u8 scale over the whole logit
+range (about -27..+2 on the shipped model) moves a score near 0.45 in steps of 0.03, which
+flipped enough cells to grow the count error by 2.8 points; in float they cost about 1 % of the
+inference time. The other Conv branches and the prototype branch are quantised (measured on the
+shipped model: keeping all of the head's activations in float is slower and no more accurate).
+``head="quantize"`` quantises the whole head anyway; it exists so the accuracy gate can be shown
+to refuse such a model.
 
 The calibration set is chosen from the training images, deterministically (evenly spaced in
 name order), and preprocessed by the device's own :class:`~cellseg.edge.preprocess.Preprocessor`
@@ -77,21 +88,34 @@ def choose_calibration_images(folder: Path, count: int) -> CalibrationSet:
 
 
 def head_float_nodes(model: Any) -> list[str]:
-    """The Segment head's decode: its nodes outside the Conv branches (box ``cv2``, class ``cv3``,
-    mask-coefficient ``cv4``) and the prototype branch (``proto``) -- the DFL softmax, the box
-    arithmetic, the class sigmoid and the concatenations. The head is the highest ``/model.N/``."""
+    """The Segment head's nodes that stay in float: its decode -- the nodes outside the Conv
+    branches (box ``cv2``, class ``cv3``, mask-coefficient ``cv4``) and the prototype branch
+    (``proto``): the DFL softmax, the box arithmetic, the class sigmoid and the concatenations --
+    and the class-logit Convs, the last Conv of each ``cv3`` branch (the one whose output leaves
+    the branch). The head is the highest ``/model.N/``."""
     numbered = [(int(m.group(1)), n) for n in model.graph.node if (m := re.match(r"/model\.(\d+)/", n.name))]
     if not numbered:
         raise ModelError("cannot find the Segment head: node names are not ultralytics' '/model.N/...'")
     head = max(i for i, _ in numbered)
+    head_nodes = [n for i, n in numbered if i == head]
     branch = re.compile(rf"/model\.{head}/(cv[234]\.\d+|proto)/")
     # The DFL's fixed 1x1 Conv stays quantised: its inputs are softmax probabilities in [0, 1],
     # which u8 holds well, and in float it cost 2-3 ms per frame here with no accuracy gained.
-    return [
-        n.name
-        for i, n in numbered
-        if i == head and n.op_type not in ("Conv", "ConvTranspose") and not branch.match(n.name)
-    ]
+    decode = [n.name for n in head_nodes if n.op_type not in ("Conv", "ConvTranspose") and not branch.match(n.name)]
+    class_branch = re.compile(rf"/model\.{head}/cv3\.\d+/")
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n.name)
+    logits = []
+    for n in head_nodes:
+        if n.op_type == "Conv" and (m := class_branch.match(n.name)):
+            inside = m.group(0)
+            if any(not c.startswith(inside) for c in consumers.get(n.output[0], [])):
+                logits.append(n.name)
+    if not logits:
+        raise ModelError("cannot find the Segment head's class-logit convolutions ('cv3' branches)")
+    return decode + logits
 
 
 class _Reader:
@@ -169,6 +193,7 @@ def quantize(
             reader,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=True,  # see the module's docstring: no u8s8 saturation on any CPU
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
@@ -181,7 +206,7 @@ def quantize(
     ours.update(
         precision="int8",
         quantization={
-            "method": "onnxruntime quantize_static QDQ, MinMax, per-channel s8 weights, u8 activations",
+            "method": "onnxruntime quantize_static QDQ, MinMax, per-channel 7-bit s8 weights, u8 activations",
             "head": head,
             "float_nodes": len(exclude),
             "calibration": calibration.to_dict(),

@@ -27,13 +27,26 @@ def test_int8_model_is_qdq_with_the_decode_in_float_and_passes_the_gate(
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 100 and ops.count("DequantizeLinear") > 100
     decode = set(head_float_nodes(onnx.load(str(shipped_model))))
-    assert decode and {"/model.23/dfl/Softmax", "/model.23/Sigmoid"} <= decode
+    logits = {f"/model.23/cv3.{i}/cv3.{i}.2/Conv" for i in range(3)}  # the class-logit convolutions
+    assert {"/model.23/dfl/Softmax", "/model.23/Sigmoid"} | logits <= decode
+    assert not any(n.startswith(("/model.23/cv2.", "/model.23/cv4.", "/model.23/proto/")) for n in decode)
     # The decode computes in float: none of its results is quantised again, except the DFL's
     # softmax probabilities on their way into the DFL's fixed Conv.
     q_inputs = {i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input}
     decoded = [n for n in model.graph.node if n.name in decode]
     requantised = [n.name for n in decoded if set(n.output) & q_inputs]
     assert len(decoded) == len(decode) and requantised == ["/model.23/dfl/Softmax"]
+    # The class-logit convolutions keep float weights; every other Conv reads int8 weights.
+    dequantised = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = {n.name: n.input[1] in dequantised for n in model.graph.node if n.op_type == "Conv"}
+    assert not any(convs[name] for name in logits)
+    assert all(int8 for name, int8 in convs.items() if name not in logits)
+    # 7-bit weights: a pair of u8 x s8 products (255 * 64 * 2) fits the int16 that AVX2 CPUs
+    # without VNNI sum them in, so every CPU computes the model the gate measured.
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq_inputs = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    int8_weights = [weights[name] for name in dq_inputs if weights[name].dtype == "int8"]
+    assert len(int8_weights) > 50 and max(int(abs(w.astype(int)).max()) for w in int8_weights) <= 64
     with OnnxRuntimeEngine(int8_model, threads=1) as engine:
         assert engine.precision == "int8"
         calibration = engine.info.extra["quantization"]["calibration"]
