@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cellseg.edge.benchmark import device_name
 from cellseg.edge.engine_onnxruntime import file_sha256
 from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.training.evaluate import SplitReport, evaluate
@@ -59,6 +60,7 @@ class GateReport:
     losses: dict[str, float]
     agreement: dict[str, float]
     reasons: list[str] = field(default_factory=list)
+    machine: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +83,10 @@ class GateReport:
             f"agreement: count differs by {self.agreement['count_mean_abs_pct']:.2f}% per image on average, "
             f"confluence by {self.agreement['confluence_mean_abs_pp']:.2f} pp"
         )
+        if self.machine:
+            m = self.machine
+            lines.append(f"measured on {m['device']}, ONNX Runtime {m['onnxruntime']}, "
+                         f"int8 instructions: {m['int8_isa']}")  # fmt: skip
         lines.append("PASSED" if self.passed else "REFUSED: " + "; ".join(self.reasons))
         return "\n".join(lines)
 
@@ -95,6 +101,26 @@ def _score(model: Path, report: SplitReport, precision: str) -> ModelScore:
         count_mape_pct=report.count_mape_pct,
         confluence_mae_pp=report.confluence_mae_pp,
     )
+
+
+# CPU instruction-set extensions that decide how ONNX Runtime computes INT8 products: VNNI sums
+# u8 x s8 in 32 bits, AVX2 and AVX-512BW without it in saturating 16 bits; dot product and i8mm on Arm.
+_INT8_ISA = ("avx512_vnni", "avx_vnni", "avx512bw", "avx2", "asimddp", "i8mm")
+
+
+def gate_machine() -> dict[str, str]:
+    """Where the gate ran: the device, ONNX Runtime's version and the CPU's INT8 instructions.
+    Recorded because an INT8 model's arithmetic on a CPU depends on them (build/quantize.py)."""
+    import onnxruntime
+
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+    isa = " ".join(f for f in _INT8_ISA if f in flags) or "unknown"
+    return {"device": device_name(), "onnxruntime": onnxruntime.__version__, "int8_isa": isa}
 
 
 def _precision(model: Path) -> str:
@@ -155,6 +181,7 @@ def run_gate(
         losses=losses,
         agreement=agreement,
         reasons=reasons,
+        machine=gate_machine(),
     )
 
 

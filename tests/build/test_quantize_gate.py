@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import pytest
 
 from cellseg.build.bundle import make_bundle
@@ -56,6 +58,10 @@ def test_int8_model_is_qdq_with_the_decode_in_float_and_passes_the_gate(
     assert report["passed"] is True and report["images"] == 5
     assert report["losses"]["mask_map_points"] <= 1.0 and report["losses"]["count_pct_points"] <= 2.0
     assert report["reference"]["mask_map50_95"] > 0.2  # a real model on real frames, not an empty comparison
+    # Where it was measured: INT8 arithmetic on a CPU depends on its instruction set.
+    assert report["machine"]["onnxruntime"] == onnxruntime.__version__ and report["machine"]["device"]
+    if platform.machine() == "x86_64":  # every x86_64 machine of this decade has AVX2 at least
+        assert "avx2" in report["machine"]["int8_isa"].split()
 
 
 def test_the_gate_refuses_a_quantisation_of_the_head_and_bundle_will_not_package_it(
