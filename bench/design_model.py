@@ -43,6 +43,7 @@ def export_architecture(workdir: Path, shipped: Path) -> Path:
     import yaml
 
     from cellseg.edge.model_info import CELLSEG_METADATA_KEY
+    from cellseg.training.dfl_softmax import REWRITE, rewrite_dfl_softmax
     from cellseg.training.offline import import_ultralytics_offline
 
     ultralytics = import_ultralytics_offline(workdir / ".ultralytics")
@@ -67,6 +68,9 @@ def export_architecture(workdir: Path, shipped: Path) -> Path:
         ours.pop(key, None)
     ours["source_weights"] = f"untrained {ARCHITECTURE} (architecture timing only)"
     graph = onnx.load(str(exported))
+    if not rewrite_dfl_softmax(graph):  # as cellseg export does
+        raise SystemExit(f"{ARCHITECTURE}: its DFL is not of the form training/dfl_softmax.py rewrites")
+    ours["graph_rewrites"] = [REWRITE]
     graph.metadata_props.add(key=CELLSEG_METADATA_KEY, value=json.dumps(ours))
     out = workdir / "yolov9c-seg-untrained.onnx"
     onnx.save(graph, str(out))

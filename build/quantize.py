@@ -99,8 +99,9 @@ def head_float_nodes(model: Any) -> list[str]:
     head = max(i for i, _ in numbered)
     head_nodes = [n for i, n in numbered if i == head]
     branch = re.compile(rf"/model\.{head}/(cv[234]\.\d+|proto)/")
-    # The DFL's fixed 1x1 Conv stays quantised: its inputs are softmax probabilities in [0, 1],
-    # which u8 holds well, and in float it cost 2-3 ms per frame here with no accuracy gained.
+    # In exports from before the DFL rewrite (training/dfl_softmax.py) the DFL's fixed 1x1 Conv
+    # stays quantised: its inputs are softmax probabilities in [0, 1], which u8 holds well, and in
+    # float it cost 2-3 ms per frame with no accuracy gained. The rewrite's MatMul is decode, float.
     decode = [n.name for n in head_nodes if n.op_type not in ("Conv", "ConvTranspose") and not branch.match(n.name)]
     class_branch = re.compile(rf"/model\.{head}/cv3\.\d+/")
     consumers: dict[str, list[str]] = {}

@@ -25,6 +25,7 @@ from cellseg.edge.intensity import IntensityMapping
 from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo, PostprocessConfig
 from cellseg.edge.preprocess import Preprocessor
 from cellseg.edge.types import Frame
+from cellseg.training.dfl_softmax import REWRITE, rewrite_dfl_softmax
 from cellseg.training.offline import import_ultralytics_offline
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def export_onnx(
             kwargs["opset"] = opset
         exported = Path(model.export(**kwargs))
         proto = onnx.load(str(exported))
+        rewrites = [REWRITE] if rewrite_dfl_softmax(proto) else []
         meta = {p.key: p.value for p in proto.metadata_props}
         base = ModelInfo.from_metadata(meta, exported)
         info = ModelInfo(
@@ -149,6 +151,7 @@ def export_onnx(
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source_weights": weights.name,
                 "weights_epoch": weights_epoch(getattr(model, "ckpt", None) or {}),
+                "graph_rewrites": rewrites,
                 **_run_metadata(run_dir or weights.resolve().parent.parent),
             },
         )

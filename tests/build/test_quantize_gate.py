@@ -30,14 +30,13 @@ def test_int8_model_is_qdq_with_the_decode_in_float_and_passes_the_gate(
     assert ops.count("QuantizeLinear") > 100 and ops.count("DequantizeLinear") > 100
     decode = set(head_float_nodes(onnx.load(str(shipped_model))))
     logits = {f"/model.23/cv3.{i}/cv3.{i}.2/Conv" for i in range(3)}  # the class-logit convolutions
-    assert {"/model.23/dfl/Softmax", "/model.23/Sigmoid"} | logits <= decode
+    assert {"/model.23/dfl/SoftmaxLast", "/model.23/dfl/Expectation", "/model.23/Sigmoid"} | logits <= decode
     assert not any(n.startswith(("/model.23/cv2.", "/model.23/cv4.", "/model.23/proto/")) for n in decode)
-    # The decode computes in float: none of its results is quantised again, except the DFL's
-    # softmax probabilities on their way into the DFL's fixed Conv.
+    # The decode computes in float: none of its results is quantised again.
     q_inputs = {i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input}
     decoded = [n for n in model.graph.node if n.name in decode]
     requantised = [n.name for n in decoded if set(n.output) & q_inputs]
-    assert len(decoded) == len(decode) and requantised == ["/model.23/dfl/Softmax"]
+    assert len(decoded) == len(decode) and requantised == []
     # The class-logit convolutions keep float weights; every other Conv reads int8 weights.
     dequantised = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     convs = {n.name: n.input[1] in dequantised for n in model.graph.node if n.op_type == "Conv"}

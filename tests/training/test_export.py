@@ -15,6 +15,7 @@ from cellseg.edge.imageio import read_image
 from cellseg.edge.postprocess import PostprocessConfig
 from cellseg.edge.predictor import Predictor
 from cellseg.edge.types import Frame
+from cellseg.training.dfl_softmax import REWRITE, rewrite_dfl_softmax
 from cellseg.training.export import export_onnx, weights_epoch
 from tests.conftest import SAMPLES, SHIPPED_WEIGHTS
 
@@ -47,6 +48,12 @@ def test_export_matches_pytorch_and_carries_metadata(
     assert meta["weights_sha256"] == file_sha256(weights)
     assert meta["intensity_mapping"] == {"low_pct": 0.5, "high_pct": 99.5, "max_samples": 65536, "method": "percentile"}
     assert meta["precision"] == "fp32"
+    # The DFL's softmax runs over the last axis (training/dfl_softmax.py), and only once rewritten.
+    assert meta["graph_rewrites"] == [REWRITE]
+    softmax_axes = [a.i for n in model.graph.node if n.op_type == "Softmax" for a in n.attribute if a.name == "axis"]
+    assert softmax_axes and set(softmax_axes) == {-1}
+    before = model.SerializeToString()
+    assert rewrite_dfl_softmax(model) is False and model.SerializeToString() == before
     # The epoch of these weights, with the validation metrics they were saved with.
     saved = torch.load(weights, map_location="cpu", weights_only=False)["train_metrics"]
     assert meta["weights_epoch"]["metrics/mAP50-95(M)"] == pytest.approx(saved["metrics/mAP50-95(M)"], abs=1e-5)
