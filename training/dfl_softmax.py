@@ -49,6 +49,8 @@ def rewrite_dfl_softmax(model: Any) -> bool:
         weight = numpy_helper.to_array(inits[conv.input[1]])
         if weight.ndim != 4 or weight.shape[0] != 1 or weight.shape[2:] != (1, 1) or (attr(conv, "group") or 1) != 1:
             continue
+        if any(attr(conv, "pads") or []) or any(s != 1 for s in attr(conv, "strides") or []):
+            continue  # padded or strided: not a per-anchor weighted sum
         bins = weight.shape[1]
         prefix = transpose.name.rsplit("/", 1)[0]
         column = numpy_helper.from_array(weight.reshape(bins, 1), f"{prefix}/bins")
