@@ -54,7 +54,9 @@ def rewrite_dfl_softmax(model: Any) -> bool:
         bins = weight.shape[1]
         prefix = transpose.name.rsplit("/", 1)[0]
         column = numpy_helper.from_array(weight.reshape(bins, 1), f"{prefix}/bins")
-        # New tensor names: the old ones may carry shapes in value_info that no longer hold.
+        # New names for the new intermediate tensors; the MatMul keeps the Conv's output name so
+        # the Reshape after it is untouched. Shapes onnxslim recorded for the old ones (value_info)
+        # no longer hold and are removed below.
         new = [
             helper.make_node("Transpose", [transpose.input[0]], [f"{prefix}/AnchorsLast_output_0"],
                              name=f"{prefix}/AnchorsLast", perm=[0, 1, 3, 2]),
