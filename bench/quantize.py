@@ -26,7 +26,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from cellseg.cli import default_model  # noqa: E402  (after the BLAS setting above)
+from cellseg.edge.shipped import default_model  # noqa: E402  (after the BLAS setting above)
 
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
 

@@ -28,14 +28,11 @@ from cellseg.edge.bundle import (
     EngineSpec,
     FileEntry,
     Manifest,
-    Reference,
     key_id,
 )
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
+from cellseg.edge.engine_onnxruntime import file_sha256
 from cellseg.edge.errors import ConfigError, DependencyError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.predictor import Predictor
-from cellseg.edge.types import Frame
+from cellseg.edge.local_model import reference_for
 
 
 def generate_keypair(prefix: Path, overwrite: bool = False) -> tuple[Path, Path]:
@@ -99,18 +96,6 @@ class EngineBuildInfo:
             raise ConfigError(f"{path}: not a readable engine build report: {e}") from e
 
 
-def reference_outputs(model: Path, image: Path, threads: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ONNX model's model metadata and what it finds on the reference frame."""
-    with OnnxRuntimeEngine(model, threads=threads) as engine:
-        result = Predictor(engine)(Frame(read_image(image), source=image.name))
-        info = engine.info.to_metadata()
-        precision = engine.precision
-    m = result.measurement
-    boxes = [[round(float(v), 2) for v in box] for box in result.detections.boxes]
-    info["precision"] = precision
-    return info, {"count": m.count, "confluence_pct": round(m.confluence_pct, 4), "boxes": boxes}
-
-
 def make_bundle(
     model: Path,
     output: Path,
@@ -126,8 +111,9 @@ def make_bundle(
 ) -> Manifest:
     """Write a signed bundle holding ``engine`` (a TensorRT plan) or else the ONNX ``model``."""
     key = load_private_key(private_key)
-    model_meta, expected = reference_outputs(model, reference_image, threads)
-    precision = str(model_meta.pop("precision"))
+    model_meta, precision, reference = reference_for(
+        model, reference_image, count_tolerance=count_tolerance, threads=threads
+    )
     calibration = (model_meta.get("quantization") or {}).get("calibration")
     if precision == "int8" or (engine_info is not None and engine_info.precision == "int8"):
         _require_passing_gate(model, gate_report)
@@ -149,10 +135,7 @@ def make_bundle(
     else:
         spec = EngineSpec(kind="onnx", file="model.onnx", precision=precision)  # type: ignore[arg-type]
         payload = model
-    # A GPU engine differs from the CPU model in the last bits: allow a couple of cells either way.
-    tol = count_tolerance if count_tolerance is not None else max(2, round(0.03 * expected["count"]))
-    ref_name = "reference" + reference_image.suffix.lower()
-    reference = Reference(file=ref_name, count_tolerance=tol, **expected)
+    ref_name = reference.file
     files = {
         spec.file: FileEntry(sha256=file_sha256(payload), size=payload.stat().st_size),
         ref_name: FileEntry(sha256=file_sha256(reference_image), size=reference_image.stat().st_size),

@@ -14,21 +14,9 @@ from pathlib import Path
 
 from cellseg import __version__
 from cellseg.edge.errors import CellsegError
+from cellseg.edge.shipped import default_model, sample_frames
 
 logger = logging.getLogger("cellseg")
-
-SHIPPED_MODEL_NAME = "cellseg-usiigaci-yolo11n-seg.onnx"
-# The checkout the package was installed from: models/ and samples/ live there.
-_REPO = Path(__file__).resolve().parent.parent
-SAMPLES_DIR = _REPO / "samples"
-
-
-def default_model() -> Path:
-    """``$CELLSEG_MODEL``, else the model shipped in the repository's ``models/`` folder."""
-    env = os.environ.get("CELLSEG_MODEL")
-    if env:
-        return Path(env)
-    return _REPO / "models" / SHIPPED_MODEL_NAME
 
 
 def _add_threshold_args(p: argparse.ArgumentParser) -> None:
@@ -131,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--loop", action="store_true", help="repeat the sample frames until interrupted")
     demo.add_argument("--interval", type=float, default=0.0, help="seconds between measurements")
 
+    dr = sub.add_parser(
+        "doctor", help="check that the service would run here: packages, engine, source, broker, state, clock"
+    )
+    dr.add_argument("--config", type=Path, required=True, help="device configuration (YAML)")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
+
     vc = sub.add_parser("validate-config", help="check a device configuration file; print each problem's key path")
     vc.add_argument("config", type=Path)
 
@@ -175,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("bundle", help="bundle file, or an http(s):// or file:// URL")
     fl.add_argument("--sha256", help="expected sha256 of the bundle file (required for URLs)")
     fl.add_argument("--config", type=Path, required=True, help="device configuration (state_dir, trusted keys)")
+
+    im = sub.add_parser(
+        "install-model",
+        help="install an ONNX model (default: the shipped one) as an engine slot; make it active when none is",
+    )
+    im.add_argument("--config", type=Path, required=True, help="device configuration (state_dir)")
+    im.add_argument("--model", type=Path, help="ONNX model to install (default: the model shipped with cellseg)")
+    im.add_argument("--reference", type=Path, help="reference frame for its self-test (default: the first sample)")
+    im.add_argument(
+        "--activate",
+        choices=["if-none", "always", "never"],
+        default="if-none",
+        help="if-none (default): only when no engine slot is active, so an upgrade keeps the running model; "
+        "always: make it active (the current one is kept for rollback); never: only report",
+    )
 
     rb = sub.add_parser("rollback", help="make the previously active engine active again")
     rb.add_argument("--config", type=Path, required=True, help="device configuration (state_dir)")
@@ -232,6 +241,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "predict": _cmd_predict,
         "bench": _cmd_bench,
         "validate-config": _cmd_validate_config,
+        "doctor": _cmd_doctor,
         "run": _cmd_run,
         "demo": _cmd_demo,
         "quantize": _cmd_quantize,
@@ -239,6 +249,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "bundle": _cmd_bundle,
         "flash": _cmd_flash,
         "rollback": _cmd_rollback,
+        "install-model": _cmd_install_model,
         "build-engine": _cmd_build_engine,
     }
     return commands[args.command](args)
@@ -424,7 +435,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     use_broker = _broker_answers(host, port)
     if args.broker and not use_broker:
         print(f"cellseg demo: no MQTT broker answers at {host}:{port}; printing only", file=sys.stderr)
-    samples = SAMPLES_DIR
     # The demo's state (its spool) lives as long as the demo: nothing is left behind in /tmp.
     with tempfile.TemporaryDirectory(prefix="cellseg-demo-") as state:
         config = parse_config(
@@ -432,7 +442,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 "device_id": "demo",
                 "model": str(default_model()),
                 "state_dir": str(state),
-                "source": {"kind": "images", "images": sorted(str(p) for p in samples.glob("*.png")),
+                "source": {"kind": "images", "images": [str(p) for p in sample_frames()],
                            "loop": args.loop, "interval_s": args.interval},
                 "mqtt": {"enabled": use_broker, "host": host, "port": port},
                 "overlay": {"dir": str(args.overlay)},
@@ -458,6 +468,14 @@ def _cmd_validate_config(args: argparse.Namespace) -> int:
         f"{args.config}: OK (device {config.device_id}, source {config.source.kind}, topics {config.topic_prefix}/...)"
     )
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from cellseg.edge.doctor import dumps, run_doctor
+
+    report = run_doctor(args.config)
+    print(dumps(report) if args.json else report.format())
+    return 0 if report.ok else 1
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -507,7 +525,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     if args.gate_report and gate is None:
         print(f"cellseg bundle: error: {args.gate_report} does not exist", file=sys.stderr)
         return 2
-    reference = args.reference or sorted(SAMPLES_DIR.glob("*.png"))[0]
+    reference = args.reference or sample_frames()[0]
     engine_info = EngineBuildInfo.read(args.engine.with_suffix(".json")) if args.engine else None
     manifest = make_bundle(
         args.model,
@@ -558,10 +576,31 @@ def _cmd_build_engine(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         calibration_images=args.calibration,
     )
-    frames = args.validate if args.validate else sorted(SAMPLES_DIR.glob("*.png"))
+    frames = args.validate if args.validate else sample_frames()
     validation = validate_engine(args.output, args.model, report, frames)
     print(json.dumps(validation, indent=2))
     return 0 if validation["passed"] else 3
+
+
+def _cmd_install_model(args: argparse.Namespace) -> int:
+    from cellseg.edge.config import load_config
+    from cellseg.edge.flash import store_for
+    from cellseg.edge.local_model import install_model
+    from cellseg.edge.shipped import shipped_model
+
+    config = load_config(args.config)
+    model = args.model or shipped_model()
+    name = model.stem if args.model else f"{model.stem} (shipped with cellseg {__version__})"
+    outcome = install_model(
+        model,
+        args.reference or sample_frames()[0],
+        store_for(config.state_dir),
+        name=name,
+        activate=args.activate,
+        threads=config.engine.threads,
+    )
+    print(outcome.action)
+    return 0
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
@@ -580,8 +619,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from cellseg.edge.flash import store_for
     from cellseg.edge.predict import expand_inputs
 
-    samples = SAMPLES_DIR
-    images = list(expand_inputs(args.images or [str(samples)]))
+    images = list(expand_inputs(args.images or [str(p) for p in sample_frames()]))
     if not images:
         print("cellseg bench: error: no images found", file=sys.stderr)
         return 2
@@ -593,7 +631,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.config) if args.config is not None else None
     if config is not None:
-        candidates = configured_candidates(store_for(config.state_dir), config.model)
+        candidates = configured_candidates(store_for(config.state_dir), config.fallback_model)
         opened, _, _ = open_first(candidates, config.engine.backend, args.threads or config.engine.threads)
     else:
         opened = open_engine(args.model or default_model(), threads=args.threads)

@@ -159,8 +159,10 @@ class Config(_Section):
 
     device_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
                            description="this device's name; part of the MQTT topics")  # fmt: skip
-    model: Path = Field(
-        ..., description="the factory model (an ONNX file or an installed bundle folder); a flashed engine overrides it"
+    model: Path | None = Field(
+        None,
+        description="the fallback model (an ONNX file or an installed bundle folder), run when no engine slot is "
+        "active or loads (default: the model shipped with cellseg); an active slot overrides it",
     )
     state_dir: Path = Field(Path("/var/lib/cellseg"), description="where the spool and engine slots live")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
@@ -176,6 +178,13 @@ class Config(_Section):
     @property
     def topic_prefix(self) -> str:
         return self.mqtt.prefix or f"cellseg/{self.device_id}"
+
+    @property
+    def fallback_model(self) -> Path:
+        """``model``, else the model shipped with this installation of cellseg."""
+        from cellseg.edge.shipped import shipped_model
+
+        return self.model if self.model is not None else shipped_model()
 
 
 def format_errors(error: ValidationError, source: str) -> list[str]:

@@ -164,7 +164,9 @@ class Daemon:
     def _load_engine(self, store: SlotStore) -> None:
         """The active flashed slot, else the previous one, else the configured model."""
         c = self.config
-        opened, target, errors = open_first(configured_candidates(store, c.model), c.engine.backend, c.engine.threads)
+        opened, target, errors = open_first(
+            configured_candidates(store, c.fallback_model), c.engine.backend, c.engine.threads
+        )
         self._use(opened, target if target is not None else store.active_target())
         if errors:
             self.last_error = "fell back to another engine: " + "; ".join(errors)

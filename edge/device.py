@@ -8,6 +8,7 @@ facts on both sides in the message. Detection imports nothing heavy unless it is
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from importlib import metadata
@@ -18,6 +19,49 @@ from cellseg.edge.bundle import BundleError, EngineSpec
 logger = logging.getLogger(__name__)
 
 NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+
+# The device nodes CUDA (and so TensorRT) opens, by machine kind. The unit's DeviceAllow= lists
+# every one of them (tests/test_systemd.py keeps the two in step); `cellseg doctor` checks that
+# the service user can open those present. Collected from NVIDIA's container-runtime CSV lists
+# and projects that sandbox CUDA on Orin: JetPack 6 (L4T r36) moved the iGPU to /dev/nvgpu/igpu0/
+# and needs a DRM render node for cuInit; JetPack 5 uses the nvhost-*-gpu nodes; both use nvmap.
+GPU_DEVICE_NODES: dict[str, tuple[str, ...]] = {
+    "jetson": (
+        "/dev/nvmap",
+        "/dev/host1x-fence",
+        "/dev/nvhost-ctrl",
+        "/dev/nvhost-ctrl-gpu",
+        "/dev/nvhost-gpu",
+        "/dev/nvhost-as-gpu",
+        "/dev/nvhost-tsg-gpu",
+        "/dev/nvhost-dbg-gpu",
+        "/dev/nvhost-prof-gpu",
+        "/dev/nvhost-ctxsw-gpu",
+        "/dev/nvhost-sched-gpu",
+        "/dev/nvhost-power-gpu",
+        "/dev/nvhost-nvsched-gpu",
+        "/dev/nvgpu/igpu0/ctrl",
+        "/dev/nvgpu/igpu0/as",
+        "/dev/nvgpu/igpu0/channel",
+        "/dev/nvgpu/igpu0/tsg",
+        "/dev/nvgpu/igpu0/power",
+        "/dev/nvgpu/igpu0/sched",
+        "/dev/nvgpu/igpu0/nvsched",
+        "/dev/nvgpu/igpu0/nvsched_ctrl_fifo",
+        "/dev/nvgpu/igpu0/ctxsw",
+        "/dev/nvgpu/igpu0/dbg",
+        "/dev/nvgpu/igpu0/prof",
+        "/dev/nvgpu/igpu0/prof-ctx",
+        "/dev/nvgpu/igpu0/prof-dev",
+        "/dev/dri/renderD128",
+        "/dev/dri/renderD129",
+        "/dev/nvidia0",
+        "/dev/nvidiactl",
+    ),
+    # x86 boxes with an NVIDIA card: the unit allows these by device group (char-nvidia-frontend,
+    # char-nvidia-uvm, char-nvidia-caps), which also covers further GPUs.
+    "dgpu": ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"),
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +125,23 @@ def _compute_capability() -> str | None:
     except Exception as e:  # a driver without a usable GPU: report none rather than fail detection
         logger.warning("CUDA is installed but no GPU answers: %s", e)
         return None
+
+
+def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores among the CPUs this process may run on (ONNX Runtime's own default count).
+
+    SMT siblings share a core; counting them would give the engine threads that compete for the
+    same execution units. Falls back to the logical count where sysfs has no topology.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    cores: set[str] = set()
+    for cpu in cpus:
+        try:
+            siblings = (sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
+        except OSError:
+            return len(cpus)
+        cores.add(siblings)
+    return max(1, len(cores))
 
 
 def l4t_release(path: Path) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cellseg.edge.device import physical_cores
 from cellseg.edge.engine import LoadedInWith, RawOutputs
 from cellseg.edge.errors import DependencyError, ModelError
 from cellseg.edge.model_info import ModelInfo
@@ -30,7 +31,11 @@ class OnnxRuntimeEngine(LoadedInWith):
 
     Args:
         path: the ``.onnx`` file.
-        threads: intra-op threads (``None``: ONNX Runtime's default, all cores).
+        threads: intra-op threads (``None``: the physical cores this process may run on, which
+            is ONNX Runtime's own default, but given explicitly: with an implicit count ONNX
+            Runtime pins its threads to cores, which the service's system-call filter refuses
+            (``sched_setaffinity`` is in ``@resources``) and which fights other programs on a
+            shared lab PC).
     """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
@@ -51,9 +56,8 @@ class OnnxRuntimeEngine(LoadedInWith):
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such model file")
         options = ort.SessionOptions()
-        if self.threads is not None:
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
+        options.intra_op_num_threads = self.threads if self.threads is not None else physical_cores()
+        options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
             session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])

@@ -36,6 +36,29 @@ RESEND_AFTER_S = 30.0
 MAX_IN_FLIGHT = 20
 
 
+def new_client(config: MqttConfig, client_id: str) -> Any:
+    """A paho client (MQTT 3.1.1, callback API 2) with the configured credentials and TLS; not
+    yet connected. The daemon's publisher and ``cellseg doctor`` connect with exactly this."""
+    try:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+    except ImportError as e:
+        raise DependencyError("paho-mqtt", "edge", "publishing over MQTT") from e
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    if config.username is not None:
+        password = read_secret(config.password) if config.password is not None else None
+        client.username_pw_set(config.username, password)
+    if config.tls is not None:
+        keyfile = str(secret_location(config.tls.key)) if config.tls.key is not None else None
+        client.tls_set(
+            ca_certs=str(config.tls.ca_file) if config.tls.ca_file else None,
+            certfile=str(config.tls.cert_file) if config.tls.cert_file else None,
+            keyfile=keyfile,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    return client
+
+
 class MqttPublisher:
     """Publishes spooled messages and retained state; runs paho's loop and a sender thread.
 
@@ -56,12 +79,6 @@ class MqttPublisher:
         spool: Spool,
         on_command: Callable[[str, bytes], None] | None = None,
     ) -> None:
-        try:
-            import paho.mqtt.client as mqtt
-            from paho.mqtt.enums import CallbackAPIVersion
-        except ImportError as e:
-            raise DependencyError("paho-mqtt", "edge", "publishing over MQTT") from e
-        self._mqtt = mqtt
         self.config = config
         self.prefix = prefix
         self.spool = spool
@@ -77,7 +94,7 @@ class MqttPublisher:
         self._stop = threading.Event()
         self._sender: threading.Thread | None = None
 
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self.client = new_client(config, client_id)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
@@ -85,17 +102,6 @@ class MqttPublisher:
         self.client.reconnect_delay_set(min_delay=1, max_delay=60)
         self.client.max_inflight_messages_set(MAX_IN_FLIGHT)
         self.client.will_set(self.topic("availability"), "offline", qos=1, retain=True)
-        if config.username is not None:
-            password = read_secret(config.password) if config.password is not None else None
-            self.client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            keyfile = str(secret_location(config.tls.key)) if config.tls.key is not None else None
-            self.client.tls_set(
-                ca_certs=str(config.tls.ca_file) if config.tls.ca_file else None,
-                certfile=str(config.tls.cert_file) if config.tls.cert_file else None,
-                keyfile=keyfile,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -167,7 +173,7 @@ class MqttPublisher:
             if message.created < self._connected_at and message.topic.endswith("/measurement"):
                 payload = _mark_historical(payload)
             info = self.client.publish(message.topic, payload, qos=1)
-            if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
+            if info.rc != 0:  # not MQTT_ERR_SUCCESS
                 # The connection dropped just now: everything unacknowledged goes again on reconnect.
                 logger.debug("publish of spooled message %d deferred (rc %s)", message.id, info.rc)
                 break

@@ -92,3 +92,19 @@ def bundles(
     gate = read_report(int8_model.with_suffix(".gate.json"))
     make_bundle(int8_model, out / "int8.cellseg", signing_keys[0], reference, gate_report=gate)
     return {"fp32": out / "fp32.cellseg", "int8": out / "int8.cellseg"}
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cellseg wheel, built from this checkout as install.sh builds it."""
+    from tests.packaging import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel and every dependency of the device extras, for installs without an index."""
+    from tests.packaging import download_wheelhouse
+
+    return download_wheelhouse(wheel, tmp_path_factory.mktemp("wheelhouse"))

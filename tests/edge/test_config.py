@@ -11,6 +11,7 @@ import yaml
 from cellseg.cli import main
 from cellseg.edge.config import Secret, load_config, parse_config, read_secret
 from cellseg.edge.errors import ConfigError
+from tests.conftest import SHIPPED_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "systemd" / "cellseg.yaml"
@@ -31,7 +32,7 @@ def test_the_shipped_default_config_is_valid() -> None:
     ("change", "message"),
     [
         (lambda c: c.update(device_id="scope 1"), "device_id: String should match pattern"),
-        (lambda c: c.pop("model"), "model: Field required"),
+        (lambda c: c.pop("source"), "source: Field required"),
         (lambda c: c.update(modle="x"), "modle: Extra inputs are not permitted"),
         (lambda c: c["source"].update(kind="webcam"), "source.kind: Input should be"),
         (lambda c: c["source"].pop("path"), "source: source kind 'folder' needs 'path'"),
@@ -118,3 +119,10 @@ def test_validate_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     assert main(["validate-config", str(tmp_path / "list.yaml")]) == 2
     assert "the top level must be a mapping" in capsys.readouterr().err
+
+
+def test_without_a_model_the_fallback_is_the_shipped_model() -> None:
+    config = parse_config({k: v for k, v in _base().items() if k != "model"})
+    assert config.model is None
+    assert config.fallback_model.read_bytes() == SHIPPED_MODEL.read_bytes()
+    assert parse_config(_base()).fallback_model == Path("m.onnx")
