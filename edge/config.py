@@ -181,10 +181,11 @@ class Config(_Section):
 
     @property
     def fallback_model(self) -> Path:
-        """``model``, else the model shipped with this installation of cellseg."""
-        from cellseg.edge.shipped import shipped_model
+        """``model``, else the model shipped with this installation of cellseg (a path that is
+        only opened when no engine slot loads, and named in the error if it is missing)."""
+        from cellseg.edge.shipped import shipped_model_path
 
-        return self.model if self.model is not None else shipped_model()
+        return self.model if self.model is not None else shipped_model_path()
 
 
 def format_errors(error: ValidationError, source: str) -> list[str]:

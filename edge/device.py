@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 
 # The device nodes CUDA (and so TensorRT) opens, by machine kind. The unit's DeviceAllow= lists
-# every one of them (tests/test_systemd.py keeps the two in step); `cellseg doctor` checks that
+# every one of them (tests/systemd/test_unit.py keeps the two in step); `cellseg doctor` checks that
 # the service user can open those present. Collected from NVIDIA's container-runtime CSV lists
 # and projects that sandbox CUDA on Orin: JetPack 6 (L4T r36) moved the iGPU to /dev/nvgpu/igpu0/
 # and needs a DRM render node for cuInit; JetPack 5 uses the nvhost-*-gpu nodes; both use nvmap.

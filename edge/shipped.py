@@ -17,20 +17,18 @@ SHIPPED_MODEL_NAME = "cellseg-usiigaci-yolo11n-seg.onnx"
 MODEL_ENV = "CELLSEG_MODEL"
 
 
-def _package_file(package: str, name: str) -> Path:
-    resource = resources.files(package).joinpath(name)
-    path = Path(str(resource))
-    if not path.is_file():
-        raise ModelError(
-            f"{name} is missing from the installed package {package} (looked in {path.parent}); "
-            "reinstall cellseg from its wheel"
-        )
-    return path
+def shipped_model_path() -> Path:
+    """Where the shipped ONNX model is in this installation (not checked: see shipped_model)."""
+    return Path(str(resources.files("cellseg.models").joinpath(SHIPPED_MODEL_NAME)))
 
 
 def shipped_model() -> Path:
-    """The ONNX model shipped with this version of cellseg."""
-    return _package_file("cellseg.models", SHIPPED_MODEL_NAME)
+    """The ONNX model shipped with this version of cellseg; ModelError when the install lacks it."""
+    path = shipped_model_path()
+    if not path.is_file():
+        raise ModelError(f"{path.name} is missing from this installation of cellseg (looked in {path.parent}); "
+                         "reinstall cellseg from its wheel")  # fmt: skip
+    return path
 
 
 def default_model() -> Path:

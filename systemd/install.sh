@@ -144,6 +144,8 @@ pip_args=(--disable-pip-version-check --quiet)
 [ -z "$wheelhouse" ] || pip_args+=(--no-index --find-links "$wheelhouse")
 if [ -z "$wheel" ]; then
   [ -f "$repo/pyproject.toml" ] || die "no --wheel given and $repo is not a cellseg checkout"
+  # Building needs setuptools from an index (an isolated PEP 517 build); offline, bring the wheel.
+  [ -z "$wheelhouse" ] || die "an offline install (--wheelhouse) needs --wheel: build it with 'pip wheel --no-deps .'"
   step "building the wheel from $repo"
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from cellseg.edge.device import physical_cores
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
 from cellseg.edge.errors import ModelError, ModelMetadataError
 
@@ -70,3 +72,15 @@ def test_a_valid_signature_loads_and_runs(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no such model file"):
         OnnxRuntimeEngine(tmp_path / "none.onnx").load()
+
+
+def test_threads_default_to_physical_cores_counted_from_sysfs(tmp_path: Path) -> None:
+    """Two SMT siblings per core: as many engine threads as cores, not as logical CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    for cpu in cpus:
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        first = cpu - cpu % 2
+        topology.joinpath("thread_siblings_list").write_text(f"{first}-{first + 1}\n")
+    assert physical_cores(tmp_path) == len({cpu - cpu % 2 for cpu in cpus})
+    assert physical_cores(tmp_path / "absent") == len(cpus)  # no topology: logical CPUs
