@@ -473,6 +473,8 @@ def _cmd_validate_config(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from cellseg.edge.doctor import dumps, run_doctor
 
+    if args.verbose == 0:  # the report says what went wrong; the library's log lines would repeat it
+        logging.getLogger("cellseg").setLevel(logging.CRITICAL)
     report = run_doctor(args.config)
     print(dumps(report) if args.json else report.format())
     return 0 if report.ok else 1

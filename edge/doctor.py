@@ -173,7 +173,10 @@ def check_engine(config: Config, path: Path) -> list[Check]:
             configured_candidates(store, config.fallback_model), config.engine.backend, config.engine.threads
         )
     except CellsegError as e:
-        checks.append(Check("engine", "fail", str(e), f"cellseg install-model --config {path}, or flash a bundle"))
+        fix = f"cellseg install-model --config {path} (the shipped model as a slot), or flash a bundle"
+        if config.model is not None:
+            fix = f"fix model: in {path}, or " + fix
+        checks.append(Check("engine", "fail", str(e), fix))
         return checks
     try:
         if opened.manifest is not None:
@@ -250,18 +253,24 @@ def check_slot(config: Config, path: Path) -> list[Check]:
                 f"cellseg install-model --config {path} (a slot can be rolled back to and replaced by a flash)",
             )
         ]
+    previous = store.previous()
+    back = f"cellseg rollback (to slot {previous.name}), or " if previous is not None else ""
     try:
         manifest = read_slot_manifest(slot)
+    except CellsegError as e:
+        return [Check("slot", "fail", f"active slot {slot.name}: {e}", back + "flash a bundle")]
+    local = manifest.signing_key == LOCAL_SIGNER and not (slot / SIGNATURE).exists()
+    again = f"cellseg install-model --config {path} --activate always" if local else "flash the bundle again"
+    try:
         check_files(slot, manifest)
-        signature = slot / SIGNATURE
-        if manifest.signing_key == LOCAL_SIGNER and not signature.exists():
+        if local:
             origin = "installed locally by cellseg install-model (unsigned)"
         else:
             trusted = load_trusted_keys(list(config.flash.trusted_keys))
-            verify_signature((slot / "manifest.json").read_bytes(), signature.read_bytes(), trusted)
+            verify_signature((slot / "manifest.json").read_bytes(), (slot / SIGNATURE).read_bytes(), trusted)
             origin = f"signed by trusted key {manifest.signing_key}"
     except (CellsegError, OSError) as e:
-        fix = "cellseg rollback, or flash the bundle again"
+        fix = back + again
         if isinstance(e, BundleError) and "does not trust" in str(e):
             fix = "add the signer's .pub to flash.trusted_keys, or flash a bundle signed by a trusted key"
         return [Check("slot", "fail", f"active slot {slot.name}: {e}", fix)]

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cellseg.build.bundle import generate_keypair
 from tests.conftest import SHIPPED_MODEL
 from tests.mqtt_broker import Broker
 
@@ -129,7 +130,7 @@ def _bad_config(device: Device) -> None:
     [
         (_broker_down, "broker", "Connection refused", "start the broker at 127.0.0.1:"),
         (_wrong_password, "broker", "refused the connection: Not authorized", "check mqtt.username"),
-        (_truncated_slot_model, "slot", "5814109 bytes, the manifest says 11628219", "cellseg rollback"),
+        (_truncated_slot_model, "slot", "5814109 bytes, the manifest says 11628219", "install-model --config"),
         (_unreadable_model_and_no_slot, "engine", "ONNX Runtime cannot load it", "cellseg install-model --config"),
         (_missing_folder, "source", "does not exist", "mkdir -p"),
         (_bad_config, "config", "mqtt.prot: Extra inputs are not permitted", "cellseg validate-config"),
@@ -168,3 +169,18 @@ def test_a_read_only_state_folder_is_named_with_the_units_way_out(device: Device
     assert checks["state"]["status"] == "fail"
     assert "Read-only file system" in checks["state"]["detail"]
     assert f"ReadWritePaths={state}" in checks["state"]["fix"]
+
+
+def test_a_flashed_slot_is_checked_against_the_trusted_keys(
+    device: Device, bundles: dict[str, Path], signing_keys: tuple[Path, Path]
+) -> None:
+    device.settings["flash"] = {"trusted_keys": [str(signing_keys[1])]}
+    flashed = _cellseg("flash", str(bundles["fp32"]), "--config", str(device.config))
+    assert flashed.returncode == 0, flashed.stderr
+    code, checks = _doctor(device)
+    assert code == 0 and "signed by trusted key" in checks["slot"]["detail"]
+    _, other = generate_keypair(device.root / "keys" / "new-lab-key")
+    device.settings["flash"] = {"trusted_keys": [str(other)]}  # the lab replaced its key
+    code, checks = _doctor(device)
+    assert code == 1 and "which this device does not trust" in checks["slot"]["detail"]
+    assert "flash.trusted_keys" in checks["slot"]["fix"]
