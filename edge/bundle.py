@@ -277,10 +277,11 @@ def extract_verified(bundle: VerifiedBundle, dest: Path, fsync: bool = True) -> 
     except EOFError as e:
         raise BundleError(f"{bundle.path.name}: archive is truncated") from e
     for name, data in ((MANIFEST, bundle.manifest_bytes), (SIGNATURE, bundle.signature)):
-        _write_synced(dest / name, data, fsync)
+        write_synced(dest / name, data, fsync)
 
 
-def _write_synced(path: Path, data: bytes, fsync: bool) -> None:
+def write_synced(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Create ``path`` (it must not exist) with ``data``, on disk when this returns."""
     with open(path, "xb") as f:
         f.write(data)
         f.flush()

@@ -76,7 +76,7 @@ class DeviceFacts:
     @classmethod
     def detect(cls) -> DeviceFacts:
         return cls(
-            onnxruntime=_dist_version("onnxruntime", "onnxruntime-gpu"),
+            onnxruntime=dist_version("onnxruntime", "onnxruntime-gpu"),
             tensorrt=_tensorrt_version(),
             compute_capability=_compute_capability(),
             l4t=l4t_release(NV_TEGRA_RELEASE),
@@ -92,7 +92,8 @@ class DeviceFacts:
         return ", ".join(parts)
 
 
-def _dist_version(*names: str) -> str | None:
+def dist_version(*names: str) -> str | None:
+    """The installed version of the first of these distributions pip knows, else None."""
     for name in names:
         try:
             return metadata.version(name)
@@ -102,7 +103,7 @@ def _dist_version(*names: str) -> str | None:
 
 
 def _tensorrt_version() -> str | None:
-    version = _dist_version("tensorrt", "tensorrt-cu12", "tensorrt_cu12")
+    version = dist_version("tensorrt", "tensorrt-cu12", "tensorrt_cu12")
     if version:
         return version
     try:  # JetPack installs TensorRT's Python bindings as a Debian package, without pip metadata

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cellseg.edge.config import Config, load_config
-from cellseg.edge.device import GPU_DEVICE_NODES, NV_TEGRA_RELEASE, DeviceFacts, l4t_release
+from cellseg.edge.device import GPU_DEVICE_NODES, NV_TEGRA_RELEASE, DeviceFacts, dist_version, l4t_release
 from cellseg.edge.errors import CellsegError
 
 Status = Literal["ok", "info", "warn", "fail"]
@@ -119,14 +119,9 @@ def _user() -> str:
 
 
 def _version(module: Any, dist: str) -> str:
-    from importlib import metadata
-
-    for name in (dist, f"{dist}-python", f"{dist}-python-headless", f"{dist}-gpu"):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return str(getattr(module, "__version__", "?"))  # a system package without pip metadata (JetPack)
+    found = dist_version(dist, f"{dist}-python", f"{dist}-python-headless", f"{dist}-gpu")
+    # A system package without pip metadata (JetPack's OpenCV) still knows its version.
+    return found or str(getattr(module, "__version__", "?"))
 
 
 def check_packages() -> list[Check]:
@@ -199,7 +194,7 @@ def check_engine(config: Config, path: Path) -> list[Check]:
     fix = ""
     if errors:
         detail += "; it runs because these did not load: " + "; ".join(errors)
-        fix = "cellseg rollback, or flash a working bundle (cellseg flash)"
+        fix = "the slot check below says how to replace what did not load"
     checks.append(Check("engine", status, detail, fix))
     return checks
 
@@ -237,7 +232,7 @@ def check_gpu_nodes(config: Config, path: Path) -> list[Check]:
 
 
 def check_slot(config: Config, path: Path) -> list[Check]:
-    from cellseg.edge.bundle import SIGNATURE, BundleError, check_files, load_trusted_keys, verify_signature
+    from cellseg.edge.bundle import MANIFEST, SIGNATURE, BundleError, check_files, load_trusted_keys, verify_signature
     from cellseg.edge.engine_select import read_slot_manifest
     from cellseg.edge.flash import store_for
     from cellseg.edge.local_model import LOCAL_SIGNER
@@ -267,7 +262,7 @@ def check_slot(config: Config, path: Path) -> list[Check]:
             origin = "installed locally by cellseg install-model (unsigned)"
         else:
             trusted = load_trusted_keys(list(config.flash.trusted_keys))
-            verify_signature((slot / "manifest.json").read_bytes(), (slot / SIGNATURE).read_bytes(), trusted)
+            verify_signature((slot / MANIFEST).read_bytes(), (slot / SIGNATURE).read_bytes(), trusted)
             origin = f"signed by trusted key {manifest.signing_key}"
     except (CellsegError, OSError) as e:
         fix = back + again

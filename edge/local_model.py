@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cellseg.edge.bundle import MANIFEST, MANIFEST_SCHEMA, EngineSpec, FileEntry, Manifest, Reference
+from cellseg.edge.bundle import MANIFEST, MANIFEST_SCHEMA, EngineSpec, FileEntry, Manifest, Reference, write_synced
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
 from cellseg.edge.engine_select import read_slot_manifest
 from cellseg.edge.errors import CellsegError, ModelError
@@ -82,13 +82,11 @@ def _copy_synced(src: Path, dest: Path) -> None:
         os.fsync(fout.fileno())
 
 
-def _active_model_sha(store: SlotStore) -> str | None:
-    active = store.active()
-    if active is None:
-        return None
+def _model_sha(slot: Path) -> str | None:
+    """The sha256 a slot's manifest gives its engine file (None for an unreadable slot)."""
     try:
-        manifest = read_slot_manifest(active)
-    except CellsegError:  # a damaged active slot holds no model we could be repeating
+        manifest = read_slot_manifest(slot)
+    except CellsegError:  # a damaged slot holds no model we could be repeating
         return None
     entry = manifest.files.get(manifest.engine.file)
     return entry.sha256 if entry is not None else None
@@ -115,7 +113,7 @@ def install_model(
     sha = file_sha256(model)
     with store.locked():
         active = store.active()
-        if active is not None and _active_model_sha(store) == sha:
+        if active is not None and _model_sha(active) == sha:
             return InstallOutcome(active, active, f"{model.name} is already the active engine (slot {active.name})")
         if activate == "never" or (activate == "if-none" and active is not None):
             return InstallOutcome(
@@ -142,10 +140,7 @@ def install_model(
                 },
                 signing_key=LOCAL_SIGNER,
             )
-            with open(partial / MANIFEST, "xb") as f:
-                f.write(manifest.to_json())
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(partial / MANIFEST, manifest.to_json())
             slot = store.commit(partial, f"onnx-{precision}-local")
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
