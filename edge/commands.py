@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cellseg.edge.errors import CellsegError
 
 MAX_PAYLOAD = 64 * 1024
+# Commands are flat objects; anything nested deeper is refused before parsing. (30,000 '[' under
+# the size limit made json.loads raise RecursionError, which escaped into paho's network thread.)
+MAX_NESTING = 8
+MAX_NAME_IN_REPLY = 64
 
 
 class CommandError(CellsegError):
@@ -68,8 +72,15 @@ def parse_command(name: str, payload: bytes) -> Command:
     if len(payload) > MAX_PAYLOAD:
         raise CommandError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
     try:
-        data: Any = json.loads(payload.decode("utf-8")) if payload.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CommandError(f"payload is not UTF-8 text: {e}") from e
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING:
+        raise CommandError(f"payload nests {depth} levels deep; commands are flat JSON objects (at most {MAX_NESTING})")
+    try:
+        data: Any = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
         raise CommandError(f"payload is not JSON: {e}") from e
     if not isinstance(data, dict):
         raise CommandError(f"payload must be a JSON object, got {type(data).__name__}")
@@ -79,12 +90,36 @@ def parse_command(name: str, payload: bytes) -> Command:
     schema = SCHEMAS.get(name)
     if schema is None:
         known = ", ".join(sorted([*SCHEMAS, *NOT_YET]))
-        raise CommandError(f"unknown command '{name}' (known: {known})", request_id)
+        shown = name if len(name) <= MAX_NAME_IN_REPLY else name[:MAX_NAME_IN_REPLY] + "..."
+        raise CommandError(f"unknown command {shown!r} (known: {known})", request_id)
     try:
         return Command(name, schema.model_validate(data))
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'payload'}: {err['msg']}" for err in e.errors())
         raise CommandError(problems, request_id) from e
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest nesting of JSON arrays and objects in ``text`` (brackets inside strings do not
+    count); linear in the text, no recursion, so it is safe on any input."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def reply(request_id: str | None, ok: bool, error: str = "", **extra: Any) -> bytes:

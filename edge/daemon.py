@@ -7,6 +7,11 @@ its sequence number and (for watched files) the file's done-mark, before anythin
 
 SIGTERM finishes the frame in hand, flushes what the broker will take and exits 0; systemd is
 told READY, STATUS, WATCHDOG and STOPPING (see :mod:`cellseg.edge.sdnotify`).
+
+The watchdog is fed from the inference loop and only while no other part is stalled
+(:mod:`cellseg.edge.liveness`): a capture, MQTT network or sender thread that dies or hangs
+stops the pings, and systemd restarts the service. Run without a watchdog (from a shell), the
+daemon instead stops with exit status 1 when a part stalls, so nothing lingers half-alive.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from cellseg.edge.engine_select import OpenedEngine, configured_candidates, open
 from cellseg.edge.errors import CellsegError, ConfigError
 from cellseg.edge.flash import FlashResult, flash_url, settings_for, store_for
 from cellseg.edge.gpu_predictor import GpuPredictor
+from cellseg.edge.liveness import Liveness
 from cellseg.edge.measure import measurement_to_dict
 from cellseg.edge.overlay import draw_overlay
 from cellseg.edge.predictor import Predictor
@@ -43,6 +49,9 @@ from cellseg.edge.spool import Spool, SpoolFullError
 logger = logging.getLogger(__name__)
 
 _END = object()  # the source is exhausted
+CAPTURE = "capture"
+# Parts may stay silent this long when no watchdog period says otherwise (run from a shell).
+DEFAULT_MAX_SILENCE_S = 60.0
 
 
 def make_source(config: Config, is_done: Callable[[str], bool]) -> Source:
@@ -75,6 +84,10 @@ class Daemon:
         self.echo = echo
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
+        self.exit_code = 0
+        self.liveness = Liveness()
+        self.max_silence_s = self.notifier.watchdog_s or DEFAULT_MAX_SILENCE_S
+        self._stall_reported: list[str] = []
         self.started = time.monotonic()
         self.measured = 0
         self.last_error = ""
@@ -111,19 +124,23 @@ class Daemon:
         self._load_engine(store)
         publisher = None
         if c.mqtt.enabled:
-            publisher = MqttPublisher(c.mqtt, c.topic_prefix, c.mqtt.client_id or f"cellseg-{c.device_id}", spool)
+            client_id = c.mqtt.client_id or f"cellseg-{c.device_id}"
+            publisher = MqttPublisher(c.mqtt, c.topic_prefix, client_id, spool, liveness=self.liveness,
+                                      max_silence_s=self.max_silence_s)  # fmt: skip
             publisher.on_command = lambda name, payload: self._accept_command(publisher, name, payload)
             publisher.start()
         source = make_source(c, spool.is_done)
+        source.heartbeat = self.liveness.beater(CAPTURE)
         frames: queue.Queue[Any] = queue.Queue(maxsize=2)
-        capture = threading.Thread(target=self._capture, args=(source, frames), name="capture", daemon=True)
+        capture = threading.Thread(target=self._capture, args=(source, frames), name=CAPTURE, daemon=True)
+        self.liveness.register(CAPTURE, self.max_silence_s, capture)
         capture.start()
         self.notifier.ready(f"measuring from {source.name}")
         topic = f"{c.topic_prefix}/measurement"
         next_due = 0.0
         try:
             while not self.stop_requested.is_set():
-                self.notifier.watchdog()
+                self._ping()
                 self._swap_engine_if_flashed(store, publisher, spool)
                 if publisher is not None:
                     self._run_commands(publisher, store)
@@ -157,7 +174,26 @@ class Daemon:
             if self._opened is not None:
                 self._opened.engine.close()
             spool.close()
-        return 0
+        return self.exit_code
+
+    def _ping(self) -> None:
+        """Feed the watchdog, unless a part has stalled: then say which, once, and let systemd
+        restart the service (or, without a watchdog, stop with exit status 1)."""
+        stalled = self.liveness.stalled()
+        if not stalled:
+            if self._stall_reported:
+                logger.warning("all parts make progress again")
+                self._stall_reported = []
+            self.notifier.watchdog()
+            return
+        if stalled != self._stall_reported:
+            self._stall_reported = stalled
+            self.last_error = "stalled: " + "; ".join(stalled)
+            logger.error("%s; no more watchdog pings, so that the service is restarted", self.last_error)
+            self.notifier.status(self.last_error)
+        if self.notifier.watchdog_s is None:
+            self.exit_code = 1
+            self.request_stop()
 
     # -- engines ---------------------------------------------------------------------------
 
@@ -276,24 +312,27 @@ class Daemon:
                 outcome.opened.engine.close()
 
     def _capture(self, source: Source, frames: queue.Queue[Any]) -> None:
-        live = getattr(source, "live", False)
         try:
             for sf in source.frames():
-                if live:
+                if source.live:
                     # Live sources keep only the freshest frame: replace what waits in the queue.
                     with contextlib.suppress(queue.Empty):
                         frames.get_nowait()
                 while not self.stop_requested.is_set():
+                    source.heartbeat()  # waiting for the inference loop is progress, not a stall
                     try:
                         frames.put(sf, timeout=0.5)  # blocks: file sources never drop a frame
                         break
                     except queue.Full:
                         continue
                 if self.stop_requested.is_set():
+                    self.liveness.unregister(CAPTURE)
                     return
         except Exception as e:  # the daemon must outlive its source; report and end the source
             self.last_error = f"source {source.name} failed: {e}"
             logger.exception("%s", self.last_error)
+        # An ending this thread chose is not a stall; only a death by anything else stays watched.
+        self.liveness.unregister(CAPTURE)
         frames.put(_END)
 
     def _measure(
@@ -335,7 +374,7 @@ class Daemon:
                 # Policy stop_measuring: hold this measurement until the broker drains the spool.
                 self.last_error = str(e)
                 logger.warning("%s; waiting for the broker to take the backlog", e)
-                self.notifier.watchdog()
+                self._ping()
                 if self.stop_requested.wait(1.0):
                     return
         self.measured += 1
@@ -363,10 +402,13 @@ class Daemon:
             command = parse_command(name, payload)
             self._commands.put_nowait(command)
         except CommandError as e:
-            logger.warning("refused command %s: %s", name, e)
+            logger.warning("refused command %.64s: %s", name, e)
             publisher.publish_reply(name, reply(e.request_id, False, str(e)))
         except queue.Full:
             publisher.publish_reply(name, reply(None, False, "too many commands waiting; try again"))
+        except Exception as e:  # a bug here must still answer, and never reach the network loop
+            logger.exception("command %.64s failed", name)
+            publisher.publish_reply(name, reply(None, False, f"internal error: {type(e).__name__}"))
 
     def _run_commands(self, publisher: MqttPublisher, store: SlotStore) -> None:
         """Between frames, so a command never races the measuring."""

@@ -9,22 +9,33 @@ Contract (topics under ``<prefix>``, JSON payloads carry ``"schema": 1``):
 - ``count``, ``confluence``, ``state``: the latest values, retained, QoS 1, published directly
   (only the newest matters; every measurement is in ``measurement``).
 
-Connection problems (broker away, wrong password) are logged and retried with backoff by
-paho's network thread; measuring goes on meanwhile and the spool holds the backlog.
+Connection problems (broker away, wrong password) are logged and retried with backoff by the
+network thread; measuring goes on meanwhile and the spool holds the backlog. On every
+(re)connection the latest retained values are published again, so a subscriber that arrives
+after an outage sees the newest count, confluence and state at once, not the pre-outage ones.
+
+Every paho callback is guarded: an exception in one is logged and reported in ``last_error``,
+never allowed to end the network loop (a 30,000-deep JSON command once did, silencing the device).
+The network loop and the sender beat a :class:`~cellseg.edge.liveness.Liveness` registry, so a
+thread that dies or hangs anyway stops the watchdog and systemd restarts the service.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from cellseg import __version__
 from cellseg.edge.config import MqttConfig, read_secret, secret_location
 from cellseg.edge.errors import DependencyError
+from cellseg.edge.liveness import Liveness
 from cellseg.edge.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -34,6 +45,13 @@ SCHEMA = 1
 # duplicate; subscribers recognise it by its sequence number).
 RESEND_AFTER_S = 30.0
 MAX_IN_FLIGHT = 20
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 60.0
+LOOP_TIMEOUT_S = 0.5
+# Home Assistant accepts node and object ids of these characters only; others become '_'.
+_HA_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+NETWORK, SENDER = "mqtt-network", "mqtt-sender"
+
+_Callback = TypeVar("_Callback", bound=Callable[..., None])
 
 
 def new_client(config: MqttConfig, client_id: str) -> Any:
@@ -67,8 +85,10 @@ class MqttPublisher:
         prefix: topic prefix, e.g. ``cellseg/microscope-1``.
         client_id: MQTT client id.
         spool: the durable spool the pipeline writes measurements into.
-        on_command: called from paho's thread with (command name, payload bytes) for messages
-            on ``<prefix>/cmd/<name>``.
+        on_command: called from the network thread with (command name, payload bytes) for
+            messages on ``<prefix>/cmd/<name>``.
+        liveness: where the network and sender threads report progress (default: a private one).
+        max_silence_s: how long either may go without progress before it counts as stalled.
     """
 
     def __init__(
@@ -78,6 +98,9 @@ class MqttPublisher:
         client_id: str,
         spool: Spool,
         on_command: Callable[[str, bytes], None] | None = None,
+        *,
+        liveness: Liveness | None = None,
+        max_silence_s: float = 60.0,
     ) -> None:
         self.config = config
         self.prefix = prefix
@@ -91,15 +114,20 @@ class MqttPublisher:
         # Spool ids only grow and are sent in order: everything up to here was handed to paho.
         self._last_sent = 0
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the sender
+        self._net_stop = threading.Event()  # the network loop, which outlives the sender at stop
         self._sender: threading.Thread | None = None
+        self._network: threading.Thread | None = None
+        self.liveness = liveness or Liveness()
+        self.max_silence_s = max_silence_s
+        # The latest value of each retained topic, published again on every (re)connection.
+        self._retained: dict[str, str | bytes] = {}
 
         self.client = new_client(config, client_id)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_publish = self._on_publish
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(min_delay=1, max_delay=60)
+        self.client.on_connect = self._guarded(self._on_connect)
+        self.client.on_disconnect = self._guarded(self._on_disconnect)
+        self.client.on_publish = self._guarded(self._on_publish)
+        self.client.on_message = self._guarded(self._on_message)
         self.client.max_inflight_messages_set(MAX_IN_FLIGHT)
         self.client.will_set(self.topic("availability"), "offline", qos=1, retain=True)
 
@@ -110,9 +138,11 @@ class MqttPublisher:
     def start(self) -> None:
         """Connect in the background and start sending; returns at once."""
         self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
-        self.client.loop_start()
-        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
-        self._sender.start()
+        self._network = threading.Thread(target=self._network_loop, name=NETWORK, daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name=SENDER, daemon=True)
+        for thread in (self._network, self._sender):
+            self.liveness.register(thread.name, self.max_silence_s, thread)
+            thread.start()
 
     def stop(self, flush_timeout_s: float = 5.0) -> None:
         """Send what can be sent within the timeout, publish ``offline`` and disconnect."""
@@ -122,13 +152,42 @@ class MqttPublisher:
             time.sleep(0.05)
         self._stop.set()
         self._wake.set()
+        for name in (NETWORK, SENDER):
+            self.liveness.unregister(name)
         if self._sender is not None:
             self._sender.join(timeout=5)
         if self.connected.is_set():
             info = self.client.publish(self.topic("availability"), "offline", qos=1, retain=True)
             info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
         self.client.disconnect()
-        self.client.loop_stop()
+        self._net_stop.set()
+        if self._network is not None:
+            self._network.join(timeout=5)
+
+    def _network_loop(self) -> None:
+        """paho's network loop (``loop``/``reconnect``, its public API) in a thread of our own
+        rather than ``loop_start``'s, so that every pass beats and a thread that ends is seen.
+        Connection attempts back off exponentially (1 s to 60 s) until a connection is accepted,
+        a refused CONNECT included; anything unexpected that escapes ends the thread, and then
+        the watchdog restarts the service."""
+        delay, next_attempt = RECONNECT_MIN_S, 0.0
+        while not self._net_stop.is_set():
+            self.liveness.beat(NETWORK)
+            if self.client.loop(timeout=LOOP_TIMEOUT_S) == 0:  # MQTT_ERR_SUCCESS: a connection, served
+                if self.connected.is_set():
+                    delay = RECONNECT_MIN_S
+                continue
+            if self._stop.is_set():  # stopping: no new connection
+                return
+            while not self._net_stop.is_set() and time.monotonic() < next_attempt:  # back off, beating
+                self.liveness.beat(NETWORK)
+                self._net_stop.wait(min(1.0, next_attempt - time.monotonic()))
+            next_attempt, delay = time.monotonic() + delay, min(delay * 2, RECONNECT_MAX_S)
+            try:
+                self.client.reconnect()
+            except OSError as e:  # refused, unreachable, no such host, TLS handshake
+                self.last_error = f"cannot connect to {self.config.host}:{self.config.port}: {e}"
+                logger.warning("%s; retrying", self.last_error)
 
     # --- publishing ------------------------------------------------------------------------
     def notify_spooled(self) -> None:
@@ -136,7 +195,9 @@ class MqttPublisher:
         self._wake.set()
 
     def publish_retained(self, name: str, payload: str | bytes) -> None:
-        """Latest-value topics (count, confluence, state): retained, QoS 1, not spooled."""
+        """Latest-value topics (count, confluence, state): retained, QoS 1, not spooled. The value
+        is kept and published again on every (re)connection."""
+        self._retained[name] = payload
         if self.connected.is_set():
             self.client.publish(self.topic(name), payload, qos=1, retain=True)
 
@@ -150,6 +211,7 @@ class MqttPublisher:
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
+            self.liveness.beat(SENDER)
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             if self.connected.is_set():
@@ -190,29 +252,58 @@ class MqttPublisher:
             self.spool.ack(entry[0])
 
     def discovery_messages(self) -> list[tuple[str, str]]:
-        """Home Assistant MQTT discovery for the count and confluence sensors (retained)."""
-        node = self.prefix.replace("/", "_")
-        device = {"identifiers": [node], "name": f"cellseg {self.prefix.rsplit('/', 1)[-1]}", "manufacturer": "cellseg"}
-        sensors = {
-            "count": {"name": "Cell count", "unit_of_measurement": "cells", "icon": "mdi:counter"},
-            "confluence": {"name": "Confluence", "unit_of_measurement": "%", "icon": "mdi:percent"},
+        """Home Assistant MQTT discovery for the count and confluence sensors (retained).
+
+        Home Assistant drops a discovery topic whose node id has characters other than
+        ``[A-Za-z0-9_-]`` without a word, so the prefix is mapped onto those (``lab2.incubator-3``
+        becomes ``lab2_incubator-3``); the state topics keep the real prefix.
+        """
+        node = _HA_UNSAFE.sub("_", self.prefix.replace("/", "_"))
+        device = {
+            "identifiers": [node],
+            "name": f"cellseg {self.prefix.rsplit('/', 1)[-1]}",
+            "manufacturer": "cellseg",
+            "model": "live cell-culture monitor",
+            "sw_version": __version__,
         }
+        sensors = {
+            "count": {"name": "Cell count", "unit_of_measurement": "cells", "icon": "mdi:counter",
+                      "suggested_display_precision": 0},
+            "confluence": {"name": "Confluence", "unit_of_measurement": "%", "icon": "mdi:percent",
+                           "suggested_display_precision": 1},
+        }  # fmt: skip
         messages = []
         for key, extra in sensors.items():
             body = {
                 **extra,
                 "unique_id": f"{node}_{key}",
+                "object_id": f"{node}_{key}",
                 "state_topic": self.topic(key),
                 "state_class": "measurement",
                 "availability_topic": self.topic("availability"),
                 "payload_available": "online",
                 "payload_not_available": "offline",
                 "device": device,
+                "origin": {"name": "cellseg", "sw_version": __version__},
             }
             messages.append((f"{self.config.discovery_prefix}/sensor/{node}/{key}/config", json.dumps(body)))
         return messages
 
-    # --- paho callbacks (paho's network thread) ---------------------------------------------
+    # --- paho callbacks (the network thread) -----------------------------------------------
+    def _guarded(self, callback: _Callback) -> _Callback:
+        """``callback``, made unable to end the network loop: an exception is logged, kept in
+        ``last_error`` and swallowed (paho re-raises callback exceptions out of its loop)."""
+
+        @functools.wraps(callback)
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception as e:
+                self.last_error = f"MQTT {callback.__name__.strip('_')} failed: {type(e).__name__}: {e}"
+                logger.exception("%s", self.last_error)
+
+        return guarded  # type: ignore[return-value]
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             # Frigate marks itself connected here; a refused connection is not one.
@@ -229,6 +320,8 @@ class MqttPublisher:
             self._in_flight.clear()
             self._last_sent = 0
         client.publish(self.topic("availability"), "online", qos=1, retain=True)
+        for name, payload in list(self._retained.items()):  # newer than what the broker retained
+            client.publish(self.topic(name), payload, qos=1, retain=True)
         if self.config.homeassistant_discovery:
             for topic, payload in self.discovery_messages():
                 client.publish(topic, payload, qos=1, retain=True)

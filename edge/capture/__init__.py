@@ -6,7 +6,7 @@ File sources never drop a frame; live sources (cameras, streams) keep only the f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,8 +21,19 @@ class SourceFrame:
     done_key: str | None = None
 
 
+def no_beat() -> None:
+    """The heartbeat of a source nobody watches."""
+
+
 class Source(Protocol):
+    """``live``: keeps only its freshest frame (cameras, streams); file sources never drop one.
+    ``heartbeat``: called whenever the source makes progress (a frame read, a poll of its folder,
+    a reconnection attempt), so that a source stuck inside a read stops the watchdog; the daemon
+    sets it, and it is called from whichever thread does the reading."""
+
     name: str
+    live: bool
+    heartbeat: Callable[[], None]
 
     def frames(self) -> Iterator[SourceFrame]: ...
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from cellseg.edge.capture import SourceFrame
+from cellseg.edge.capture import SourceFrame, no_beat
 from cellseg.edge.errors import ImageReadError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.types import Frame
@@ -31,16 +31,21 @@ def file_key(path: Path) -> str:
 class ImageListSource:
     """Images in a given order; with ``loop`` they repeat until stopped."""
 
-    def __init__(self, paths: Sequence[Path], loop: bool = False, name: str = "images") -> None:
+    def __init__(
+        self, paths: Sequence[Path], loop: bool = False, name: str = "images", stop: threading.Event | None = None
+    ) -> None:
         self.paths = list(paths)
         self.loop = loop
         self.name = name
-        self._stop = threading.Event()
+        self.live = False
+        self.heartbeat = no_beat
+        self._stop = stop or threading.Event()  # shared with a folder source that delegates here
 
     def frames(self) -> Iterator[SourceFrame]:
         seq = 0
         while not self._stop.is_set():
             for path in self.paths:
+                self.heartbeat()
                 if self._stop.is_set():
                     return
                 try:
@@ -86,6 +91,8 @@ class FolderSource:
         self.poll_s = poll_s
         self.loop = loop
         self.name = f"folder:{self.folder}"
+        self.live = False
+        self.heartbeat = no_beat
         self._stop = threading.Event()
         self._failed: set[str] = set()
 
@@ -102,11 +109,14 @@ class FolderSource:
 
     def frames(self) -> Iterator[SourceFrame]:
         if self.loop:
-            yield from ImageListSource(self._candidates(), loop=True, name=self.name).frames()
+            images = ImageListSource(self._candidates(), loop=True, name=self.name, stop=self._stop)
+            images.heartbeat = self.heartbeat
+            yield from images.frames()
             return
         seen: dict[Path, tuple[str, float]] = {}  # path -> (key when first seen unchanged, since)
         seq = 0
         while not self._stop.is_set():
+            self.heartbeat()
             now = time.monotonic()
             for path in self._candidates():
                 try:

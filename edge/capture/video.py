@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cellseg.edge.capture import SourceFrame
+from cellseg.edge.capture import SourceFrame, no_beat
 from cellseg.edge.errors import ConfigError, DependencyError
 from cellseg.edge.imageio import normalise_layout
 from cellseg.edge.types import Frame
@@ -47,6 +47,8 @@ class VideoFileSource:
         self.path = Path(path)
         self.loop = loop
         self.name = f"video:{self.path}"
+        self.live = False
+        self.heartbeat = no_beat
         self._stop = threading.Event()
 
     def frames(self) -> Iterator[SourceFrame]:
@@ -60,6 +62,7 @@ class VideoFileSource:
                 raise ConfigError(f"{self.path}: OpenCV cannot open this video")
             try:
                 while not self._stop.is_set():
+                    self.heartbeat()
                     ok, image = capture.read()
                     if not ok:
                         break
@@ -93,6 +96,7 @@ class LiveSource:
         self.gstreamer = gstreamer
         self.max_backoff_s = max_backoff_s
         self.live = True
+        self.heartbeat = no_beat  # beaten by the reader thread: a read that hangs stops it
         self.last_error = ""
         self._stop = threading.Event()
         self._fresh = threading.Condition()
@@ -112,6 +116,7 @@ class LiveSource:
         cv2 = _cv2()
         backoff = 1.0
         while not self._stop.is_set():
+            self.heartbeat()
             try:
                 capture = self._open(cv2)
             except (DependencyError, ConfigError) as e:  # retrying cannot help: say so and end
@@ -121,12 +126,13 @@ class LiveSource:
             if not capture.isOpened():
                 self.last_error = f"{self.name}: cannot open; retrying in {backoff:.0f} s"
                 logger.warning("%s", self.last_error)
-                self._stop.wait(backoff)
+                self._wait_beating(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             logger.info("%s: opened", self.name)
             backoff = 1.0
             while not self._stop.is_set():
+                self.heartbeat()
                 try:
                     ok, image = capture.read()
                 except ConfigError as e:  # e.g. a pipeline delivering a pixel format we cannot take
@@ -143,6 +149,13 @@ class LiveSource:
                     self._latest_id += 1
                     self._fresh.notify_all()
             capture.release()
+
+    def _wait_beating(self, seconds: float) -> None:
+        """Back off before reconnecting: a camera that is away is retried, not a stall."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.heartbeat()
+            self._stop.wait(min(1.0, deadline - time.monotonic()))
 
     def frames(self) -> Iterator[SourceFrame]:
         reader = threading.Thread(target=self._reader, name=f"reader {self.name}", daemon=True)
