@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overlay", type=Path, default=Path("overlays"), help="overlay folder (default: overlays/)")
     demo.add_argument("--loop", action="store_true", help="repeat the sample frames until interrupted")
     demo.add_argument("--interval", type=float, default=0.0, help="seconds between measurements")
+    demo.add_argument(
+        "--homeassistant", action="store_true", help="also publish Home Assistant discovery for count and confluence"
+    )
 
     dr = sub.add_parser(
         "doctor", help="check that the service would run here: packages, engine, source, broker, state, clock"
@@ -444,7 +447,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 "state_dir": str(state),
                 "source": {"kind": "images", "images": [str(p) for p in sample_frames()],
                            "loop": args.loop, "interval_s": args.interval},
-                "mqtt": {"enabled": use_broker, "host": host, "port": port},
+                "mqtt": {"enabled": use_broker, "host": host, "port": port,
+                         "homeassistant_discovery": args.homeassistant},
                 "overlay": {"dir": str(args.overlay)},
             },
             "demo",

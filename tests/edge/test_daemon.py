@@ -7,11 +7,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ import yaml
 
 from tests.conftest import SHIPPED_MODEL
 from tests.mqtt_broker import Broker, Subscriber
+from tests.notify_socket import NotifySocket
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,31 +36,6 @@ def frames(data_root: Path, tmp_path: Path) -> Path:
         shutil.copy(tif, incoming / tif.name)
     assert len(list(incoming.iterdir())) == 12
     return incoming
-
-
-class NotifySocket:
-    """systemd's side of the notify protocol: a datagram socket read continuously."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.lines: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.lines.extend(self.sock.recv(4096).decode().splitlines())
-            except TimeoutError:
-                continue
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 @pytest.fixture
@@ -209,6 +183,25 @@ def test_demo_prints_measurements_and_publishes_when_a_broker_answers(tmp_path: 
             sub.close()
         else:
             assert "no MQTT broker answers" in proc.stderr
+    finally:
+        broker.stop()
+
+
+def test_demo_can_announce_itself_to_home_assistant(tmp_path: Path) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cellseg", "demo", "--broker", f"{broker.host}:{broker.port}", "--homeassistant",
+             "--overlay", str(tmp_path / "overlays")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        # Home Assistant starting later finds the sensors: the discovery messages are retained.
+        sub = Subscriber(broker.host, broker.port, "homeassistant/#")
+        topics = {f"homeassistant/sensor/cellseg_demo/{key}/config" for key in ("count", "confluence")}
+        assert sub.wait_for(lambda: {t for t, _, retained in sub.messages if retained} == topics), sub.messages
+        sub.close()
     finally:
         broker.stop()
 

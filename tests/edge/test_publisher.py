@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cellseg import __version__
 from cellseg.edge.config import MqttConfig, Secret, TlsConfig
 from cellseg.edge.publisher import MqttPublisher
 from cellseg.edge.spool import Spool
@@ -28,9 +31,9 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-def _publisher(broker: Broker, spool: Spool, **mqtt: object) -> MqttPublisher:
+def _publisher(broker: Broker, spool: Spool, prefix: str = PREFIX, **mqtt: object) -> MqttPublisher:
     config = MqttConfig(host=broker.host, port=broker.port, **mqtt)  # type: ignore[arg-type]
-    return MqttPublisher(config, PREFIX, "cellseg-test", spool)
+    return MqttPublisher(config, prefix, "cellseg-test", spool)
 
 
 def _measure(spool: Spool, publisher: MqttPublisher, seq: int) -> None:
@@ -152,6 +155,60 @@ def test_home_assistant_discovery(broker: Broker, tmp_path: Path) -> None:
     assert sub.payloads("homeassistant/sensor/cellseg_test-scope/count/config")
     pub.stop()
     sub.close()
+
+
+@pytest.mark.parametrize(
+    ("device_id", "node"),
+    [("lab2.incubator-3", "cellseg_lab2_incubator-3"), ("scope_1", "cellseg_scope_1"), ("a.b.c", "cellseg_a_b_c")],
+)
+def test_discovery_ids_are_ones_home_assistant_accepts(
+    broker: Broker, tmp_path: Path, device_id: str, node: str
+) -> None:
+    """Home Assistant ignores, without a word, discovery whose node or object id is not
+    [a-zA-Z0-9_-]+: a device named lab2.incubator-3 (a valid device_id) used to vanish there."""
+    prefix = f"cellseg/{device_id}"
+    sub = Subscriber(broker.host, broker.port, "homeassistant/#")
+    pub = _publisher(broker, Spool(tmp_path / "spool.sqlite"), prefix=prefix, homeassistant_discovery=True)
+    pub.start()
+    topic = f"homeassistant/sensor/{node}/count/config"
+    assert sub.wait_for(lambda: len(sub.payloads(topic)) == 1), [t for t, _, _ in sub.messages]
+    for t, payload, _retained in sub.messages:
+        parts = t.split("/")
+        assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", p) for p in parts[2:4]), t
+        body = json.loads(payload)
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", body["object_id"]) and re.fullmatch(r"[a-zA-Z0-9_-]+", body["unique_id"])
+        assert body["state_topic"].startswith(prefix + "/")  # the real topics keep the real name
+        assert body["origin"] == {"name": "cellseg", "sw_version": __version__}
+        assert body["device"]["sw_version"] == __version__ and body["device"]["model"]
+    count = json.loads(sub.payloads(topic)[0])
+    confluence = json.loads(sub.payloads(f"homeassistant/sensor/{node}/confluence/config")[0])
+    assert (count["suggested_display_precision"], confluence["suggested_display_precision"]) == (0, 1)
+    pub.stop()
+    sub.close()
+
+
+def test_after_an_outage_a_new_subscriber_sees_the_newest_retained_values(broker: Broker, tmp_path: Path) -> None:
+    pub = _publisher(broker, Spool(tmp_path / "spool.sqlite"))
+    pub.start()
+    assert pub.connected.wait(10)
+    watcher = Subscriber(broker.host, broker.port, f"{PREFIX}/count")
+    pub.publish_retained("count", "10")
+    assert watcher.wait_for(lambda: watcher.payloads(f"{PREFIX}/count") == [b"10"])
+    watcher.close()
+    broker.stop()  # the broker saves "10" as the retained count and goes away
+    deadline = time.time() + 10
+    while pub.connected.is_set() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not pub.connected.is_set()
+    pub.publish_retained("count", "12")  # measured while the broker was away
+    pub.publish_retained("confluence", "7.5000")
+    broker.start()
+    assert pub.connected.wait(30)
+    fresh = Subscriber(broker.host, broker.port, f"{PREFIX}/#")  # e.g. a dashboard starting now
+    assert fresh.wait_for(lambda: fresh.payloads(f"{PREFIX}/count")[-1:] == [b"12"]), fresh.messages
+    assert fresh.payloads(f"{PREFIX}/confluence")[-1:] == [b"7.5000"]
+    pub.stop()
+    fresh.close()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
