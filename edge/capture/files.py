@@ -3,7 +3,10 @@
 A watched folder measures each image exactly once: a file is taken only when it is completely
 written (its size and modification time unchanged over ``settle_s``), and it is skipped when
 the spool already holds its done-mark (name, size and mtime), so a restart neither repeats nor
-misses a file. An unreadable file is reported once and skipped until it changes.
+misses a file. Within a run the source also remembers every file it has handed out: the
+done-mark is written only once the frame is measured, and a frame that takes longer than a
+poll to measure (a slow engine, a huge TIFF) was otherwise read and measured a second time.
+An unreadable file is reported once and skipped until it changes.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class FolderSource:
         self.heartbeat = no_beat
         self._stop = threading.Event()
         self._failed: set[str] = set()
+        self._handed: set[str] = set()  # keys yielded by this run: measured, or on their way
 
     def _candidates(self) -> list[Path]:
         try:
@@ -118,12 +122,14 @@ class FolderSource:
         while not self._stop.is_set():
             self.heartbeat()
             now = time.monotonic()
+            present: set[str] = set()
             for path in self._candidates():
                 try:
                     key = file_key(path)
                 except OSError:
                     continue  # vanished between listing and stat
-                if key in self._failed or self.is_done(key):
+                present.add(key)
+                if key in self._handed or key in self._failed or self.is_done(key):
                     continue
                 previous = seen.get(path)
                 if previous is None or previous[0] != key:
@@ -138,10 +144,12 @@ class FolderSource:
                     logger.error("skipping %s (will retry if the file changes)", e)
                     self._failed.add(key)
                     continue
+                self._handed.add(key)
                 yield SourceFrame(Frame(pixels, source=str(path), timestamp=time.time(), seq=seq), done_key=key)
                 seq += 1
                 if self._stop.is_set():
                     return
+            self._handed &= present  # forget files that are gone (moved away, or replaced)
             self._stop.wait(self.poll_s)
 
     def stop(self) -> None:

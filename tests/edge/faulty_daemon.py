@@ -4,7 +4,8 @@ the liveness tests kill or hang a thread inside a real daemon process.
     python tests/edge/faulty_daemon.py FAULT AFTER_S run --config FILE
 
 A part "dies" by raising SystemExit in its thread, which ends the thread without a word (as an
-unexpected BaseException would); it "hangs" by blocking forever where it would do its work.
+unexpected BaseException would); it "hangs" by blocking forever where it would do its work; it
+is "slow" when each call takes SLOW_S seconds more (e.g. a large model on the CPU fallback).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+SLOW_S = 3.0
 
 
 def _breaking(original: Callable[..., Any], due: Callable[[], bool], how: str) -> Callable[..., Any]:
@@ -24,7 +26,10 @@ def _breaking(original: Callable[..., Any], due: Callable[[], bool], how: str) -
         if due():
             if how == "dies":
                 raise SystemExit(f"injected: {original.__qualname__} dies")
-            threading.Event().wait()  # hangs, forever
+            if how == "slow":
+                time.sleep(SLOW_S)
+            else:
+                threading.Event().wait()  # hangs, forever
         return original(*args, **kwargs)
 
     return broken

@@ -119,3 +119,26 @@ def test_a_folder_file_is_taken_only_once_it_stops_growing(data_root: Path, tmp_
     assert got[0].done_key == file_key(target)
     assert got[0].frame.pixels.shape == read_image(src).shape  # the complete file, not a truncated one
     shutil.rmtree(tmp_path)
+
+
+def test_a_folder_file_being_measured_is_not_handed_out_again(data_root: Path, tmp_path: Path) -> None:
+    """The done-mark comes only when the measurement is spooled; until then the source itself must
+    remember the file, however many polls the measurement takes. A replaced file is new again."""
+    frames = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))[:2]
+    shutil.copy(frames[0], tmp_path / "a.tif")
+    source = FolderSource(tmp_path, settle_s=0.05, poll_s=0.02)  # nothing is ever marked done
+    taken: list[str] = []
+
+    def consume() -> None:
+        for sf in source.frames():
+            taken.append(Path(sf.frame.source).name)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    time.sleep(1.0)  # fifty polls while "a" is still not done
+    assert taken == ["a.tif"]
+    shutil.copy(frames[1], tmp_path / "a.tif")  # the microscope software writes a new image there
+    time.sleep(1.0)
+    source.stop()
+    reader.join(5)
+    assert taken == ["a.tif", "a.tif"]

@@ -159,6 +159,40 @@ def test_killed_daemon_replays_its_spool_and_measures_no_file_twice(frames: Path
         broker.stop()
 
 
+def test_a_backlog_under_a_slow_engine_is_measured_each_file_exactly_once(data_root: Path, tmp_path: Path) -> None:
+    """Inference of 3 s per frame, 20 files waiting: before, a file still being measured was read
+    again at the next poll of the folder (1.5 s later) and measured twice under a new number."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    sources = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))
+    sources += sorted((data_root / "usiigaci" / "train").glob("set*/raw.tif"))[: 20 - len(sources)]
+    for i, frame in enumerate(sources):
+        shutil.copy(frame, incoming / f"{i:02d}-{frame.parent.name}-{frame.name}")
+    assert len(list(incoming.iterdir())) == 20
+    broker = Broker(tmp_path)
+    broker.start()
+    try:
+        sub = Subscriber(broker.host, broker.port, f"{PREFIX}/#")
+        harness = Path(__file__).with_name("faulty_daemon.py")
+        config = _config(tmp_path, incoming, broker)
+        proc = subprocess.Popen([sys.executable, str(harness), "inference-slow", "0", "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            assert sub.wait_for(lambda: len(_seqs(sub)) >= 20, timeout=180)
+            time.sleep(4.0)  # one more slow frame's time: a second measurement would show now
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        records = [json.loads(p) for p in sub.payloads(f"{PREFIX}/measurement")]
+        assert sorted(r["seq"] for r in records) == list(range(1, 21))
+        assert sorted(Path(r["image"]).name for r in records) == sorted(p.name for p in incoming.iterdir())
+        sub.close()
+    finally:
+        broker.stop()
+
+
 @pytest.mark.parametrize("with_broker", [True, False])
 def test_demo_prints_measurements_and_publishes_when_a_broker_answers(tmp_path: Path, with_broker: bool) -> None:
     broker = Broker(tmp_path)
