@@ -128,8 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--config", type=Path, required=True, help="device configuration (YAML)")
     dr.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    vc = sub.add_parser("validate-config", help="check a device configuration file; print each problem's key path")
+    vc = sub.add_parser(
+        "validate-config",
+        help="check a device configuration file and the files it names; print each problem's key path",
+    )
     vc.add_argument("config", type=Path)
+    vc.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check keys and values only, not the files they name (a configuration for another machine)",
+    )
 
     qz = sub.add_parser("quantize", help="INT8 Q/DQ ONNX from calibration images, checked by the accuracy gate")
     qz.add_argument("model", type=Path, help="the FP32 ONNX model (from cellseg export)")
@@ -466,10 +474,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:
     from cellseg.edge.config import load_config
+    from cellseg.edge.config_check import reference_problems
+    from cellseg.edge.errors import ConfigError
 
     config = load_config(args.config)  # a ConfigError lists every problem, one per line
+    if not args.schema_only:
+        problems = reference_problems(config, str(args.config))
+        if problems:
+            raise ConfigError("\n".join(problems))
+    checked = "schema only" if args.schema_only else "and the files it names"
     print(
-        f"{args.config}: OK (device {config.device_id}, source {config.source.kind}, topics {config.topic_prefix}/...)"
+        f"{args.config}: OK, {checked} (device {config.device_id}, source {config.source.kind}, "
+        f"topics {config.topic_prefix}/...)"
     )
     return 0
 

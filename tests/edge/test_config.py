@@ -108,8 +108,9 @@ def test_credential_names_are_not_paths() -> None:
 
 
 def test_validate_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate-config", str(DEFAULT_CONFIG)]) == 0
-    assert "OK (device microscope-1" in capsys.readouterr().out
+    # The default names a device's folders (/var/lib/cellseg/incoming, /etc/cellseg/trusted-keys).
+    assert main(["validate-config", "--schema-only", str(DEFAULT_CONFIG)]) == 0
+    assert "OK, schema only (device microscope-1" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("device_id: [unclosed\n")
     assert main(["validate-config", str(bad)]) == 2
@@ -126,3 +127,64 @@ def test_without_a_model_the_fallback_is_the_shipped_model() -> None:
     assert config.model is None
     assert config.fallback_model.read_bytes() == SHIPPED_MODEL.read_bytes()
     assert parse_config(_base()).fallback_model == Path("m.onnx")
+
+
+def _device_config(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    """A configuration whose every named file exists, as install.sh leaves a device."""
+    (tmp_path / "in").mkdir(exist_ok=True)
+    (tmp_path / "keys").mkdir(exist_ok=True)
+    (tmp_path / "pw").write_text("s3cret\n")
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    config: dict[str, Any] = {
+        "device_id": "scope-1",
+        "model": str(SHIPPED_MODEL),
+        "source": {"kind": "folder", "path": str(tmp_path / "in")},
+        "mqtt": {
+            "username": "lab",
+            "password": {"file": str(tmp_path / "pw")},
+            "tls": {"ca_file": str(tmp_path / "ca.crt")},
+        },
+        "flash": {"trusted_keys": [str(tmp_path / "keys")]},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            config[section][field] = value
+        else:
+            config[section] = value
+    return config
+
+
+def _truncated_model(tmp_path: Path) -> str:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(SHIPPED_MODEL.read_bytes()[:200_000])
+    return str(broken)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: {"model": str(t / "missing.onnx")}, "model: {t}/missing.onnx does not exist"),
+        (lambda t: {"model": _truncated_model(t)}, "model: {t}/broken.onnx: ONNX Runtime cannot load it"),
+        (lambda t: {"mqtt__password": {"file": str(t / "nopw")}}, "mqtt.password: {t}/nopw does not exist"),
+        (lambda t: {"mqtt__tls": {"ca_file": str(t / "no-ca.crt")}}, "mqtt.tls.ca_file: {t}/no-ca.crt does not exist"),
+        (lambda t: {"source": {"kind": "folder", "path": str(t / "pw")}}, "source.path: {t}/pw is not a folder"),
+        (lambda t: {"source": {"kind": "video", "path": str(t / "v.mp4")}}, "source.path: {t}/v.mp4 does not exist"),
+        (lambda t: {"flash": {"trusted_keys": [str(t / "kyes")]}}, "flash.trusted_keys.0: {t}/kyes does not exist"),
+    ],
+    ids=["missing model", "truncated model", "missing password file", "missing CA", "folder is a file",
+         "missing video", "misspelt keys folder"],
+)  # fmt: skip
+def test_validate_config_checks_the_files_it_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: Any, message: str
+) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_device_config(tmp_path)))
+    assert main(["validate-config", str(good)]) == 0
+    assert "OK, and the files it names" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_device_config(tmp_path, **change(tmp_path))))
+    assert main(["validate-config", str(bad)]) == 2
+    assert f"bad.yaml: {message.format(t=tmp_path)}" in capsys.readouterr().err
+    # Written for another machine: the schema alone is checked.
+    assert main(["validate-config", "--schema-only", str(bad)]) == 0
