@@ -44,6 +44,13 @@ class SourceConfig(_Section):
     height: int | None = Field(None, ge=16, le=16384, description="requested frame height (cameras)")
     interval_s: float = Field(0.0, ge=0.0, le=86400.0, description="seconds between measurements (0: every frame)")
     loop: bool = Field(False, description="start again at the end (folder of images, video, image list)")
+    max_megapixels: float = Field(
+        100.0,
+        gt=0.0,
+        le=10000.0,
+        description="image files with more pixels are refused from their header, before decoding "
+        "(a 20000x20000 image would take gigabytes; 100 is 10000x10000)",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> SourceConfig:

@@ -333,7 +333,7 @@ def check_source(config: Config, path: Path) -> list[Check]:
         from cellseg.edge.imageio import read_image
 
         try:
-            pixels = read_image(newest)
+            pixels = read_image(newest, int(s.max_megapixels * 1e6))
         except CellsegError as e:
             return [
                 Check(

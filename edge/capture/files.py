@@ -35,9 +35,15 @@ class ImageListSource:
     """Images in a given order; with ``loop`` they repeat until stopped."""
 
     def __init__(
-        self, paths: Sequence[Path], loop: bool = False, name: str = "images", stop: threading.Event | None = None
+        self,
+        paths: Sequence[Path],
+        loop: bool = False,
+        name: str = "images",
+        stop: threading.Event | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.paths = list(paths)
+        self.max_pixels = max_pixels
         self.loop = loop
         self.name = name
         self.live = False
@@ -52,7 +58,7 @@ class ImageListSource:
                 if self._stop.is_set():
                     return
                 try:
-                    pixels = read_image(path)
+                    pixels = read_image(path, self.max_pixels)
                 except ImageReadError as e:
                     logger.error("skipping %s", e)
                     continue
@@ -75,6 +81,7 @@ class FolderSource:
         settle_s: how long size and mtime must stay unchanged before a file is read.
         poll_s: how often the folder is listed.
         loop: demo mode: go over the folder's images again and again, ignoring done-marks.
+        max_pixels: refuse larger images from their header (reported, skipped until changed).
     """
 
     def __init__(
@@ -86,8 +93,10 @@ class FolderSource:
         settle_s: float = 1.0,
         poll_s: float = 0.5,
         loop: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.max_pixels = max_pixels
         self.pattern = pattern
         self.is_done = is_done
         self.settle_s = settle_s
@@ -113,7 +122,7 @@ class FolderSource:
 
     def frames(self) -> Iterator[SourceFrame]:
         if self.loop:
-            images = ImageListSource(self._candidates(), loop=True, name=self.name, stop=self._stop)
+            images = ImageListSource(self._candidates(), True, self.name, self._stop, self.max_pixels)
             images.heartbeat = self.heartbeat
             yield from images.frames()
             return
@@ -139,7 +148,7 @@ class FolderSource:
                     continue
                 del seen[path]
                 try:
-                    pixels = read_image(path)
+                    pixels = read_image(path, self.max_pixels)
                 except ImageReadError as e:
                     logger.error("skipping %s (will retry if the file changes)", e)
                     self._failed.add(key)
