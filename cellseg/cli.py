@@ -420,7 +420,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return code
         try:
             config = load_config(args.config)
-            logger.warning("configuration reloaded from %s", args.config)
+            logger.info("configuration reloaded from %s", args.config)
         except CellsegError as e:  # a broken edit must not take the device down: keep the old one
             logger.error("reload refused, keeping the running configuration:\n%s", e)
 

@@ -169,9 +169,12 @@ def verify_signature(manifest_bytes: bytes, signature: bytes, trusted: dict[str,
     if not trusted:
         raise BundleError("this device trusts no signing keys (see flash.trusted_keys); refusing every bundle")
     try:  # unverified, only to name the signer in the refusal
-        claimed = str(json.loads(manifest_bytes).get("signing_key", "?"))
-    except (ValueError, AttributeError):
-        claimed = "?"
+        claimed_data = json.loads(manifest_bytes)
+    except ValueError as e:
+        raise BundleError(f"{MANIFEST} is not JSON ({e}): the bundle is corrupt, or not a cellseg bundle") from e
+    claimed = claimed_data.get("signing_key") if isinstance(claimed_data, dict) else None
+    if not isinstance(claimed, str):
+        raise BundleError(f"{MANIFEST} names no signing key: the bundle is corrupt, or not a cellseg bundle")
     if claimed not in trusted:
         raise BundleError(f"bundle is signed by key {claimed}, which this device does not trust")
     try:
@@ -219,10 +222,8 @@ def open_bundle(path: Path, trusted: dict[str, Any]) -> VerifiedBundle:
                 raise BundleError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
             manifest_bytes = _read_member(tar, by_name[MANIFEST])
             signature = _read_member(tar, by_name[SIGNATURE])
-    except tarfile.TarError as e:
-        raise BundleError(f"{path.name}: not a readable bundle archive (truncated or corrupt): {e}") from e
-    except EOFError as e:
-        raise BundleError(f"{path.name}: archive is truncated") from e
+    except (tarfile.TarError, EOFError) as e:
+        raise BundleError(f"{path.name}: {_what_is_wrong(path, e)}") from e
     except OSError as e:
         raise BundleError(f"{path.name}: cannot read: {e}") from e
     verify_signature(manifest_bytes, signature, trusted)
@@ -236,6 +237,33 @@ def open_bundle(path: Path, trusted: dict[str, Any]) -> VerifiedBundle:
         if by_name[name].size != entry.size:
             raise BundleError(f"{name} is {by_name[name].size} bytes, the manifest says {entry.size}")
     return VerifiedBundle(path, manifest, manifest_bytes, signature)
+
+
+def _what_is_wrong(path: Path, error: BaseException) -> str:
+    """What a tar error means for this file: cut short (where), or not an archive at all."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    # Walk the headers as far as they go: the last one read names the member the file ends in.
+    last: tarfile.TarInfo | None = None
+    try:
+        with tarfile.open(path, "r|") as stream:
+            for member in stream:
+                last = member
+                if member.offset_data + member.size > size:
+                    break
+    except (tarfile.TarError, EOFError):
+        pass
+    if last is None:
+        return f"not a bundle archive (no tar header in its {size} bytes; {error})"
+    end = last.offset_data + last.size
+    if end > size:
+        have = max(0, size - last.offset_data)
+        return (
+            f"the file is truncated: it ends after {size} bytes, inside {last.name!r} ({have} of {last.size} bytes); "
+            "the download or copy was incomplete: fetch it again and check its sha256"
+        )
+    return f"the file is truncated or damaged after {last.name!r} ({size} bytes; {error})"
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

@@ -220,7 +220,7 @@ class Daemon:
         self._active_target = target
         if old is not None:
             old.engine.close()
-        logger.warning("engine: %s", opened.describe())
+        logger.info("engine: %s", opened.describe())
 
     def _swap_engine_if_flashed(self, store: SlotStore, publisher: MqttPublisher | None, spool: Spool) -> None:
         """Between frames: take over a flashed engine (ours, or one `cellseg flash` activated)."""

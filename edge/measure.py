@@ -46,17 +46,21 @@ def area_summary(m: Measurement) -> dict[str, Any]:
     """Mean, median and histogram of cell areas, in px and (when the pixel size is known) µm²."""
     areas = m.areas_px.astype(np.float64)
     counts, _ = np.histogram(areas, bins=np.asarray((*AREA_BIN_EDGES_PX, np.inf)))
+    # Rounded past any meaning a cell area has (a pixel is ~1 µm²), so that JSON and CSV carry
+    # 3052.578, not the float's 3052.5777000000003.
+    mean_px = float(areas.mean()) if areas.size else 0.0
+    median_px = float(np.median(areas)) if areas.size else 0.0
     out: dict[str, Any] = {
-        "mean_px": float(areas.mean()) if areas.size else 0.0,
-        "median_px": float(np.median(areas)) if areas.size else 0.0,
+        "mean_px": round(mean_px, 2),
+        "median_px": round(median_px, 2),
         "histogram_px": {"edges": list(AREA_BIN_EDGES_PX), "counts": counts.tolist()},
     }
     if m.pixel_size_um is not None:
         um2 = m.pixel_size_um**2
-        out["mean_um2"] = out["mean_px"] * um2
-        out["median_um2"] = out["median_px"] * um2
+        out["mean_um2"] = round(mean_px * um2, 3)
+        out["median_um2"] = round(median_px * um2, 3)
         # Same bins, edges in µm², so the counts stay comparable between microscopes.
-        out["histogram_um2"] = {"edges": [e * um2 for e in AREA_BIN_EDGES_PX], "counts": counts.tolist()}
+        out["histogram_um2"] = {"edges": [round(e * um2, 4) for e in AREA_BIN_EDGES_PX], "counts": counts.tolist()}
     return out
 
 

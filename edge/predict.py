@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cellseg.edge.errors import CellsegError, ImageReadError
+from cellseg.edge.errors import CellsegError, DependencyError, ImageReadError
 from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.measure import measurement_to_dict
 from cellseg.edge.types import Frame
@@ -27,10 +27,13 @@ logger = logging.getLogger(__name__)
 
 CSV_FIELDS = (
     "image",
+    "time_utc",
     "count",
     "confluence_pct",
     "mean_area_px",
     "median_area_px",
+    "mean_area_um2",
+    "median_area_um2",
     "width",
     "height",
     "decode_ms",
@@ -129,14 +132,40 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
                 )
             if options.labels_dir is not None:
                 suffix = ".tif" if options.labels_format == "tif" else ".png"
-                cv2.imwrite(str(options.labels_dir / f"{stem}{suffix}"), result.detections.label_image())
+                write_labels(options.labels_dir / f"{stem}{suffix}", result.detections.label_image(), m.pixel_size_um)
             _result_line(out, options.output_format, writer, measurement_to_dict(m))
         return failures
     finally:
         engine.close()
 
 
+def write_labels(path: Path, labels: Any, pixel_size_um: float | None) -> None:
+    """A 16-bit instance label image as the project itself reads it back: PNG, or a TIFF that
+    tifffile writes zlib-compressed (OpenCV's default LZW needs ``imagecodecs`` to be read by
+    tifffile) in ImageJ's layout, with the pixel size as its resolution in µm when known, as
+    Fiji shows it."""
+    import cv2
+
+    if path.suffix.lower() != ".tif":
+        if not cv2.imwrite(str(path), labels):
+            raise CellsegError(f"{path}: OpenCV could not write the label image")
+        return
+    try:
+        import tifffile
+    except ImportError as e:
+        raise DependencyError("tifffile", "edge", "label images as TIFF") from e
+    extra: dict[str, Any] = {}
+    if pixel_size_um is not None:
+        extra = {"resolution": (1.0 / pixel_size_um, 1.0 / pixel_size_um), "metadata": {"unit": "um"}}
+    tifffile.imwrite(path, labels, compression="zlib", imagej=True, **extra)
+
+
+def _time_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp % 1 * 1000):03d}Z"
+
+
 def _result_line(out: IO[str], fmt: str, writer: csv.DictWriter[str] | None, d: dict[str, Any]) -> None:
+    areas = d["areas"]
     if fmt == "json":
         out.write(json.dumps(d) + "\n")
     elif writer is not None:
@@ -144,10 +173,13 @@ def _result_line(out: IO[str], fmt: str, writer: csv.DictWriter[str] | None, d: 
         writer.writerow(
             {
                 "image": d["image"],
+                "time_utc": _time_utc(d["timestamp"]),
                 "count": d["count"],
                 "confluence_pct": d["confluence_pct"],
-                "mean_area_px": round(d["areas"]["mean_px"], 1),
-                "median_area_px": round(d["areas"]["median_px"], 1),
+                "mean_area_px": round(areas["mean_px"], 1),
+                "median_area_px": round(areas["median_px"], 1),
+                "mean_area_um2": round(areas["mean_um2"], 2) if "mean_um2" in areas else "",
+                "median_area_um2": round(areas["median_um2"], 2) if "median_um2" in areas else "",
                 "width": d["width"],
                 "height": d["height"],
                 **{f"{k}_ms": lat.get(k, "") for k in ("decode", "preprocess", "infer", "postprocess", "measure")},
@@ -155,9 +187,10 @@ def _result_line(out: IO[str], fmt: str, writer: csv.DictWriter[str] | None, d: 
         )
     else:
         lat = d["latencies_ms"]
+        um2 = f" ({areas['median_um2']:.0f} µm²)" if "median_um2" in areas else ""
         out.write(
             f"{d['image']}: {d['count']} cells, confluence {d['confluence_pct']:.2f}%, "
-            f"median area {d['areas']['median_px']:.0f} px  "
+            f"median area {areas['median_px']:.0f} px{um2}  "
             f"({lat.get('infer', 0):.0f} ms inference, {sum(lat.values()):.0f} ms total)\n"
         )
     out.flush()

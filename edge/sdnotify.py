@@ -20,6 +20,7 @@ class Notifier:
         usec = os.environ.get("WATCHDOG_USEC", "")
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() else None
         self._last_ping = -1e9
+        self._failing = False  # warn once per spell of failures, not at every ping
 
     @property
     def ping_interval_s(self) -> float:
@@ -40,7 +41,13 @@ class Notifier:
         except BlockingIOError:
             logger.debug("notify socket %s is full; dropped %s", self.address, fields)
         except OSError as e:  # never let supervision trouble stop the measuring
-            logger.warning("cannot notify systemd at %s: %s", self.address, e)
+            logger.log(logging.DEBUG if self._failing else logging.WARNING, "cannot notify systemd at %s: %s",
+                       self.address, e)  # fmt: skip
+            self._failing = True
+        else:
+            if self._failing:
+                logger.warning("notifying systemd at %s works again", self.address)
+                self._failing = False
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")

@@ -71,7 +71,14 @@ def bad_bundles(good: Path, trusted_key: Path, untrusted_key: Path, tmp: Path) -
     out["altered_manifest"] = (write_tar(tmp / "altered.cellseg", edited), "altered after signing")
     raw = good.read_bytes()
     (tmp / "truncated.cellseg").write_bytes(raw[: len(raw) * 2 // 3])
-    out["truncated"] = (tmp / "truncated.cellseg", "truncated")
+    out["truncated"] = (tmp / "truncated.cellseg", "the file is truncated: it ends after")
+    # Signed by a trusted key, but what it signed is not a manifest (was: "signed by key ?").
+    garbage = b"<html>502 Bad Gateway</html>"
+    signer = load_private_key(trusted_key)
+    out["manifest_not_json"] = (
+        write_tar(tmp / "notjson.cellseg", {MANIFEST: garbage, SIGNATURE: signer.sign(garbage)}),
+        "manifest.json is not JSON",
+    )
     out["traversal"] = (write_tar(tmp / "traversal.cellseg", {**files, "../../etc/cron.d/evil": b"* * * * * root sh"}),
                         "unsafe path")  # fmt: skip
     link = tarfile.TarInfo("model2.onnx")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -159,7 +162,52 @@ def test_areas_in_square_micrometres(capsys: pytest.CaptureFixture[str], shipped
     code, out = _run(capsys, str(shipped_model), str(SAMPLE_FRAMES[0]), "--json", "--pixel-size", "0.87")
     assert code == 0
     areas = json.loads(out)["areas"]
-    assert areas["mean_um2"] == pytest.approx(areas["mean_px"] * 0.87**2)
-    assert areas["median_um2"] == pytest.approx(areas["median_px"] * 0.87**2)
+    assert areas["mean_um2"] == pytest.approx(areas["mean_px"] * 0.87**2, abs=0.01)
+    assert areas["median_um2"] == pytest.approx(areas["median_px"] * 0.87**2, abs=0.01)
+    # No float noise (it read 3052.5777000000003): every number in areas has at most 4 decimals.
+    assert not re.search(r"\d\.\d{5,}", json.dumps(areas)), areas
     assert areas["histogram_um2"]["counts"] == areas["histogram_px"]["counts"]
     assert sum(areas["histogram_px"]["counts"]) == json.loads(out)["count"]
+
+
+def test_the_pixel_size_reaches_text_and_csv_and_csv_has_a_time(
+    capsys: pytest.CaptureFixture[str], shipped_model: Path
+) -> None:
+    frame = str(SAMPLE_FRAMES[0])
+    _, text = _run(capsys, str(shipped_model), frame, "--pixel-size", "0.87")
+    median = json.loads(_run(capsys, str(shipped_model), frame, "--json", "--pixel-size", "0.87")[1])["areas"]
+    assert f"median area {median['median_px']:.0f} px ({median['median_um2']:.0f} µm²)" in text
+    started = time.time()
+    _, out = _run(capsys, str(shipped_model), frame, "--csv", "--pixel-size", "0.87")
+    row = next(csv.DictReader(io.StringIO(out)))
+    assert float(row["median_area_um2"]) == pytest.approx(median["median_um2"], abs=0.01)
+    assert float(row["mean_area_um2"]) == pytest.approx(median["mean_um2"], abs=0.01)
+    when = calendar.timegm(time.strptime(row["time_utc"][:19], "%Y-%m-%dT%H:%M:%S"))
+    assert row["time_utc"].endswith("Z") and abs(when - started) < 60
+    _, plain = _run(capsys, str(shipped_model), frame, "--csv")
+    assert next(csv.DictReader(io.StringIO(plain)))["median_area_um2"] == ""  # no pixel size, no µm²
+
+
+def test_label_tiffs_read_back_with_their_pixel_size(
+    capsys: pytest.CaptureFixture[str], shipped_model: Path, tmp_path: Path
+) -> None:
+    """Written so that the project reads them back (tifffile without imagecodecs, and OpenCV),
+    with the pixel size as ImageJ's resolution in µm, as Fiji shows it."""
+    import tifffile
+
+    from cellseg.edge.imageio import read_image
+
+    frame = SAMPLE_FRAMES[0]
+    code, _ = _run(capsys, str(shipped_model), str(frame), "--labels", str(tmp_path), "--labels-format", "tif",
+                   "--pixel-size", "0.87")  # fmt: skip
+    assert code == 0
+    path = tmp_path / f"{frame.stem}.tif"
+    with tifffile.TiffFile(path) as tif:
+        labels = tif.asarray()
+        page = tif.pages[0]
+        assert page.compression.name in ("NONE", "ADOBE_DEFLATE")  # codecs tifffile has without imagecodecs
+        x_res = page.tags["XResolution"].value
+        assert x_res[0] / x_res[1] == pytest.approx(1 / 0.87, rel=1e-4)
+        assert tif.imagej_metadata["unit"] == "um"
+    assert labels.dtype == np.uint16 and labels.max() > 0
+    assert (read_image(path) == labels).all()
