@@ -187,9 +187,9 @@ class Daemon:
                 self._stall_reported = []
             self.notifier.watchdog()
             return
-        if stalled != self._stall_reported:
-            self._stall_reported = stalled
-            self.last_error = "stalled: " + "; ".join(stalled)
+        if sorted(stalled) != self._stall_reported:  # said once per set of stalled parts
+            self._stall_reported = sorted(stalled)
+            self.last_error = "stalled: " + "; ".join(f"{name}: {why}" for name, why in sorted(stalled.items()))
             logger.error("%s; no more watchdog pings, so that the service is restarted", self.last_error)
             self.notifier.status(self.last_error)
         if self.notifier.watchdog_s is None:

@@ -53,15 +53,15 @@ class Liveness:
         """A callable that beats for ``name`` (handed to code that must not know the registry)."""
         return lambda: self.beat(name)
 
-    def stalled(self) -> list[str]:
-        """Each stalled part with why: ``"mqtt-network: its thread ended"``, ``"capture: silent for 12 s"``."""
+    def stalled(self) -> dict[str, str]:
+        """Each stalled part, with why: ``{"mqtt-network": "its thread ended"}``."""
         now = time.monotonic()
         with self._lock:
             parts = list(self._parts.items())
-        reasons = []
+        reasons = {}
         for name, part in parts:
             if part.thread is not None and not part.thread.is_alive():
-                reasons.append(f"{name}: its thread ended")
+                reasons[name] = "its thread ended"
             elif now - part.last > part.max_silence_s:
-                reasons.append(f"{name}: no progress for {now - part.last:.0f} s")
+                reasons[name] = f"no progress for {now - part.last:.0f} s"
         return reasons

@@ -41,10 +41,10 @@ def test_stalled_names_a_dead_thread_and_a_silent_part() -> None:
     liveness.register("network", 60.0)
     time.sleep(0.1)
     liveness.beat("network")
-    assert liveness.stalled() == ["capture: its thread ended", "sender: no progress for 0 s"]
+    assert liveness.stalled() == {"capture": "its thread ended", "sender": "no progress for 0 s"}
     liveness.beat("sender")
     liveness.unregister("capture")
-    assert liveness.stalled() == []
+    assert liveness.stalled() == {}
 
 
 @pytest.mark.parametrize(
@@ -101,4 +101,8 @@ def test_a_dead_or_hung_part_stops_the_watchdog(fault: str, data_root: Path, tmp
     if fault != "inference-hangs":  # a hung inference loop can say nothing; the others name the part
         part = fault.rsplit("-", 1)[0]
         names = {"capture": "capture", "network": "mqtt-network", "sender": "mqtt-sender"}
-        assert any(line.startswith(f"STATUS=stalled: {names[part]}") for line in notify.lines), notify.lines
+        said = [line for line in notify.lines if line.startswith("STATUS=stalled")]
+        assert said and said[0].startswith(f"STATUS=stalled: {names[part]}"), notify.lines
+        # Said when the set of stalled parts changes (a hung network loop may stall the sender
+        # too), not at every ping of the watchdog's period.
+        assert len(said) <= 2, said

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cellseg.build.bundle import generate_keypair
 from tests.mqtt_broker import Broker, Subscriber
 from tests.systemd.container import Container, cached_rootfs, missing_tools
 
@@ -183,7 +184,8 @@ def test_predict_and_doctor_run_inside_the_units_sandbox(device: Device) -> None
 def test_an_upgrade_keeps_configuration_keys_engine_and_measurements(device: Device) -> None:
     config = device.container.path("/etc/cellseg/cellseg.yaml").read_bytes()
     key = device.container.path("/etc/cellseg/trusted-keys/lab.pub")
-    key.write_text("-----BEGIN PUBLIC KEY-----\n(the lab's key)\n-----END PUBLIC KEY-----\n")
+    _, public = generate_keypair(device.container.root.parent / "keys" / "lab")
+    shutil.copy(public, key)
     active = device.sh("readlink", "/var/lib/cellseg/engines/active").stdout
     before = len(device.records())
     upgrade = device.install_sh("--wheel", f"/wheelhouse/{device.wheel}", "--wheelhouse", "/wheelhouse", check=False)
@@ -191,7 +193,7 @@ def test_an_upgrade_keeps_configuration_keys_engine_and_measurements(device: Dev
     assert "cellseg is upgraded and measuring" in upgrade.stdout
     assert device.container.path("/etc/cellseg/cellseg.yaml").read_bytes() == config
     assert device.container.path("/etc/cellseg/cellseg.yaml.dist").is_file()  # the new default, beside it
-    assert key.is_file()
+    assert key.read_bytes() == public.read_bytes()
     assert device.sh("readlink", "/var/lib/cellseg/engines/active").stdout == active
     assert "already the active engine" in upgrade.stdout
     # Sequence numbers go on from the spool: the state survived.
