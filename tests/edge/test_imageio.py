@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-import yaml
 
 from cellseg.edge.errors import ImageReadError
 from cellseg.edge.imageio import image_size, read_image
+from tests.daemon_setup import folder_device
 from tests.mqtt_broker import Broker, Subscriber
 
 
@@ -88,18 +88,10 @@ def _peak_rss_mb(pid: int) -> float:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/sbin/mosquitto").exists(), reason="mosquitto is not installed")
 def test_a_daemon_refuses_a_huge_image_and_goes_on_measuring(data_root: Path, tmp_path: Path) -> None:
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
     frames = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))
-    shutil.copy(frames[0], incoming)
     broker = Broker(tmp_path)
     broker.start()
-    config = tmp_path / "cellseg.yaml"
-    config.write_text(yaml.safe_dump({
-        "device_id": "big-1", "state_dir": str(tmp_path / "state"),
-        "source": {"kind": "folder", "path": str(incoming), "pattern": "*"},
-        "mqtt": {"host": broker.host, "port": broker.port},
-    }))  # fmt: skip
+    config, incoming = folder_device(tmp_path, broker, "big-1", frames[:1], pattern="*")
     sub = Subscriber(broker.host, broker.port, "cellseg/big-1/#")
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen([sys.executable, "-m", "cellseg", "run", "--config", str(config)],

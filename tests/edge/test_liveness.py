@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cellseg.edge.liveness import Liveness
+from tests.daemon_setup import folder_device
 from tests.mqtt_broker import Broker
 from tests.notify_socket import NotifySocket
 
@@ -54,18 +54,9 @@ def test_stalled_names_a_dead_thread_and_a_silent_part() -> None:
 )  # fmt: skip
 def test_a_dead_or_hung_part_stops_the_watchdog(fault: str, data_root: Path, tmp_path: Path) -> None:
     frames = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    for frame in frames[:2]:
-        shutil.copy(frame, incoming)
     broker = Broker(tmp_path)
     broker.start()
-    config = tmp_path / "cellseg.yaml"
-    config.write_text(yaml.safe_dump({
-        "device_id": "live-1", "state_dir": str(tmp_path / "state"),
-        "source": {"kind": "folder", "path": str(incoming), "pattern": "*.tif"},
-        "mqtt": {"host": broker.host, "port": broker.port},
-    }))  # fmt: skip
+    config, incoming = folder_device(tmp_path, broker, "live-1", frames[:2])
     notify = NotifySocket(tmp_path / "notify.sock")
     env = dict(os.environ, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(int(WATCHDOG_S * 1e6)))
     daemon = subprocess.Popen([sys.executable, str(HARNESS), fault, str(FAULT_AFTER_S), "run", "--config", str(config)],

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.daemon_setup import folder_device
 from tests.mqtt_broker import Broker, Subscriber
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,19 +83,10 @@ def test_predict_under_the_filter_finds_what_it_finds_without_it(filtered: list[
 def test_the_daemon_measures_publishes_and_stops_under_the_filter(
     filtered: list[str], data_root: Path, tmp_path: Path
 ) -> None:
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
     frames = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))[:3]
-    for f in frames:
-        shutil.copy(f, incoming)
     broker = Broker(tmp_path)
     broker.start()
-    config = tmp_path / "cellseg.yaml"
-    config.write_text(yaml.safe_dump({
-        "device_id": "sc-1", "state_dir": str(tmp_path / "state"),
-        "source": {"kind": "folder", "path": str(incoming), "pattern": "*.tif"},
-        "mqtt": {"host": broker.host, "port": broker.port},
-    }))  # fmt: skip
+    config, _ = folder_device(tmp_path, broker, "sc-1", frames)
     try:
         sub = Subscriber(broker.host, broker.port, "cellseg/sc-1/#")
         cellseg = [*filtered, sys.executable, "-m", "cellseg"]
