@@ -9,6 +9,7 @@ BigTIFF, a few hundred bytes each) and refuses a larger image before anything is
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,24 @@ import numpy.typing as npt
 
 from cellseg.edge.errors import DependencyError, ImageReadError
 
+# cv::utils::logging::LOG_LEVEL_ERROR, as the OpenCV versions without cv2.utils.logging number it.
+OPENCV_LOG_LEVEL_ERROR = 2
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
 
 
+@functools.cache
 def _cv2() -> Any:
     try:
         import cv2
     except ImportError as e:
         raise DependencyError("opencv-python", "cpu", "reading images") from e
     # Microscope TIFFs carry vendor tags OpenCV warns about on every read; errors still show.
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    # OpenCV 4.8 (JetPack 6's) has no cv2.utils.logging, only cv2.setLogLevel with the same levels.
+    api = getattr(cv2.utils, "logging", None)
+    if api is not None:
+        api.setLogLevel(api.LOG_LEVEL_ERROR)
+    elif hasattr(cv2, "setLogLevel"):
+        cv2.setLogLevel(OPENCV_LOG_LEVEL_ERROR)
     return cv2
 
 

@@ -142,6 +142,8 @@ if ! "$prefix/venv/bin/python" -c '' 2>/dev/null; then
 fi
 pip_args=(--disable-pip-version-check --quiet)
 [ -z "$wheelhouse" ] || pip_args+=(--no-index --find-links "$wheelhouse")
+# On a Jetson the venv uses JetPack's OpenCV and TensorRT, both built for numpy 1: keep numpy < 2.
+[ ! -e /etc/nv_tegra_release ] || pip_args+=(--constraint "$repo/systemd/jetson-constraints.txt")
 if [ -z "$wheel" ]; then
   [ -f "$repo/pyproject.toml" ] || die "no --wheel given and $repo is not a cellseg checkout"
   # Building needs setuptools from an index (an isolated PEP 517 build); offline, bring the wheel.

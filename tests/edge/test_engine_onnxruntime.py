@@ -28,7 +28,9 @@ def _model(path: Path, outputs: list[tuple[str, list[int]]], input_shape: list[i
         nodes.append(helper.make_node("ConstantOfShape", [f"{name}_shape"], [name], value=zero))
         outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
     graph = helper.make_graph(nodes, "g", [inp], outs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR version 8 (as exports from opset 17 have): the newest onnx writes IR 14 by default, which
+    # the ONNX Runtime a device has (1.23 on the JetPack lane: at most IR 11) refuses to load.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v

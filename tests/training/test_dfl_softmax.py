@@ -47,7 +47,7 @@ def dfl_graph(pads: list[int] | None = None) -> onnx.ModelProto:
         # What onnxslim leaves: shapes of the intermediate tensors the rewrite replaces.
         value_info=[helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 16, 4, ANCHORS])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
 
 
 @pytest.fixture(scope="module")
