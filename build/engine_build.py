@@ -5,8 +5,9 @@ TensorRT takes the scales from the Q/DQ nodes and needs no calibrator). An FP32 
 INT8 falls back to TensorRT's implicit entropy calibrator over calibration images -- the path
 TensorRT 10 deprecates and the one to avoid: the gate never saw that model.
 
-The TensorRT API differs between 8.6 (JetPack 5) and 10.x (JetPack 6): :func:`plan_build`
-decides everything version-dependent from the version string alone (testable anywhere);
+The build differs between TensorRT 8.6 (JetPack 6.0) and 10.x (JetPack 6.1/6.2): :func:`plan_build`
+decides everything version-dependent from the version string alone (testable anywhere, and its
+flag names checked against both versions' real bindings in tests/build/test_tensorrt_api.py);
 :func:`build_engine` carries it out. The ``tensorrt`` import stays inside the functions that run
 on the target. Next to the plan goes ``<plan>.json`` (TensorRT version, GPU, L4T, precision,
 the ONNX's sha256, build time), which ``cellseg bundle`` turns into the manifest.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from cellseg.edge.device import DeviceFacts
 from cellseg.edge.engine_onnxruntime import file_sha256
-from cellseg.edge.engine_tensorrt import tensorrt_logger
+from cellseg.edge.engine_tensorrt import supported_tensorrt, tensorrt_logger
 from cellseg.edge.errors import ConfigError, DependencyError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class BuildPlan:
     """Every version- and precision-dependent choice of a build.
 
     Attributes:
-        api: 8 (TensorRT 8.6: explicit-batch network flag, bindings) or 10 (named tensors).
+        api: the TensorRT major version: 8 (8.6, whose networks need the explicit-batch flag) or 10.
         network_flags: names of ``NetworkDefinitionCreationFlag`` members to set.
         builder_flags: names of ``BuilderFlag`` members to set.
         calibrator: the implicit INT8 calibrator is needed (no Q/DQ in the model).
@@ -56,25 +56,10 @@ class BuildPlan:
     workspace_bytes: int
 
 
-def tensorrt_api(version: str) -> int:
-    """8 or 10 from a version string; other majors are refused with the supported ones named."""
-    m = re.match(r"(\d+)\.(\d+)", version)
-    if not m:
-        raise ConfigError(f"cannot read TensorRT version {version!r}")
-    major, minor = int(m.group(1)), int(m.group(2))
-    if major == 8 and minor >= 6:
-        return 8
-    if major == 10:
-        return 10
-    raise DependencyError(
-        "tensorrt", "trt", f"TensorRT {version} is not supported (8.6 on JetPack 5 or 10.x on JetPack 6 are); engines"
-    )
-
-
 def plan_build(version: str, precision: Precision, has_qdq: bool, workspace_mb: int = 1024) -> BuildPlan:
     if workspace_mb < 64:
         raise ConfigError(f"workspace of {workspace_mb} MB is too small to build a segmentation engine (>= 64)")
-    api = tensorrt_api(version)
+    api = supported_tensorrt(version)
     if precision == "fp16":
         if has_qdq:
             raise ModelError("this ONNX has Q/DQ nodes (an INT8 model); build it with --precision int8")

@@ -25,12 +25,22 @@ def EntropyCalibrator(trt: Any, onnx_path: Path, images: list[Path], cache: Path
     info = ModelInfo.from_metadata(meta, onnx_path)
     pre = Preprocessor(info.input_width, info.input_height, info.mapping)
 
+    # TensorRT calls get_batch from inside build_serialized_network, on the CUDA runtime's primary
+    # context of device 0; pycuda needs that context current for its own calls (there is none
+    # otherwise: mem_alloc raised LogicError), so each call pushes and pops it.
+    cuda.init()
+    context = cuda.Device(0).retain_primary_context()
+
     class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self._pending = list(images)
             nbytes = 3 * info.input_width * info.input_height * np.dtype(np.float32).itemsize
-            self._device = cuda.mem_alloc(nbytes)
+            context.push()
+            try:
+                self._device = cuda.mem_alloc(nbytes)
+            finally:
+                context.pop()
 
         def get_batch_size(self) -> int:
             return 1
@@ -40,7 +50,11 @@ def EntropyCalibrator(trt: Any, onnx_path: Path, images: list[Path], cache: Path
                 return None
             path = self._pending.pop(0)
             tensor, _ = pre(Frame(read_image(path), source=str(path)))
-            cuda.memcpy_htod(self._device, np.ascontiguousarray(tensor, dtype=np.float32))
+            context.push()
+            try:
+                cuda.memcpy_htod(self._device, np.ascontiguousarray(tensor, dtype=np.float32))
+            finally:
+                context.pop()
             return [int(self._device)]
 
         def read_calibration_cache(self) -> bytes | None:

@@ -1,11 +1,15 @@
 """TensorRT backend (Jetson): a bundle's plan run through pycuda with buffers allocated once.
 
-TensorRT 8.6 (JetPack 5: bindings, ``execute_async_v2``) and 10.x (JetPack 6: named tensors,
-``set_tensor_address``, ``execute_async_v3``) are both driven from one I/O description,
-:func:`plan_io`, which is pure Python and checked on any machine. Page-locked host buffers,
-device buffers, one stream and the execution context are made in ``load`` and released in
-reverse order in ``close``. TensorRT's log goes to the ``cellseg.tensorrt`` logger; CUDA errors
-become :class:`CudaError` naming the call that failed.
+Supported: TensorRT 8.6 (JetPack 6.0) and 10.x (JetPack 6.1, 6.2). Both have the named-tensor
+API (``num_io_tensors``, ``set_tensor_address``, ``execute_async_v3``, since 8.5), which is the
+only one used: 10 removed the binding-index API, and 8.6's copy of it was never reached. JetPack
+5 (TensorRT 8.5, Python 3.8) cannot run cellseg, which needs Python 3.10. The names used are
+checked against the real Python bindings of 8.6.1 and 10.3.0 (tests/build/test_tensorrt_api.py).
+
+The engine's I/O is described by :func:`plan_io`, pure Python and checked on any machine.
+Page-locked host buffers, device buffers, one stream and the execution context are made in
+``load`` and released in reverse order in ``close``. TensorRT's log goes to the
+``cellseg.tensorrt`` logger; CUDA errors become :class:`CudaError` naming the call that failed.
 
 All GPU imports happen inside ``load``: importing this module needs neither TensorRT nor CUDA.
 """
@@ -13,7 +17,9 @@ All GPU imports happen inside ``load``: importing this module needs neither Tens
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +30,7 @@ import numpy.typing as npt
 
 from cellseg.edge.engine import LoadedInWith, RawOutputs
 from cellseg.edge.engine_onnxruntime import file_sha256
-from cellseg.edge.errors import CellsegError, DependencyError, ModelError
+from cellseg.edge.errors import CellsegError, ConfigError, DependencyError, ModelError
 from cellseg.edge.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -85,7 +91,23 @@ def plan_io(tensors: Sequence[TensorSpec], info: ModelInfo, source: object = "en
     return IoPlan(tuple(tensors), inputs[0], preds[0], protos[0])
 
 
-def _tensors_v10(engine: Any, trt: Any) -> list[TensorSpec]:
+def supported_tensorrt(version: str) -> int:
+    """The major version (8 or 10) of a supported TensorRT; DependencyError naming what is."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ConfigError(f"cannot read TensorRT version {version!r}")
+    major, minor = int(m.group(1)), int(m.group(2))
+    if (major, minor) >= (8, 6) and major in (8, 10):
+        return major
+    raise DependencyError(
+        "tensorrt",
+        "trt",
+        f"TensorRT {version} is not supported (8.6 on JetPack 6.0 or 10.x on JetPack 6.1/6.2 are); engines",
+    )
+
+
+def io_tensors(engine: Any, trt: Any) -> list[TensorSpec]:
+    """The engine's inputs and outputs, by the named-tensor API (TensorRT 8.5 and later)."""
     out = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
@@ -100,20 +122,15 @@ def _tensors_v10(engine: Any, trt: Any) -> list[TensorSpec]:
     return out
 
 
-def _tensors_v8(engine: Any, trt: Any) -> list[TensorSpec]:
-    return [
-        TensorSpec(
-            name=engine.get_binding_name(i),
-            shape=tuple(int(d) for d in engine.get_binding_shape(i)),
-            dtype=np.dtype(trt.nptype(engine.get_binding_dtype(i))).name,
-            is_input=bool(engine.binding_is_input(i)),
-        )
-        for i in range(engine.num_bindings)
-    ]
-
-
+@functools.cache
 def tensorrt_logger(trt: Any) -> Any:
-    """An ``ILogger`` that sends TensorRT's messages to the ``cellseg.tensorrt`` logger."""
+    """The ``ILogger`` that sends TensorRT's messages to the ``cellseg.tensorrt`` logger.
+
+    One per process, on purpose: TensorRT keeps the first logger a Builder or Runtime is given
+    for the whole process and ignores later ones, and that Python object must outlive every
+    Builder and Runtime that points at it. (A new bridge per call was never used and could be
+    collected while TensorRT still held it.)
+    """
     levels = {
         trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
         trt.ILogger.Severity.ERROR: logging.ERROR,
@@ -158,7 +175,6 @@ class TensorRTEngine(LoadedInWith):
         self._stream: Any = None
         self._host: dict[str, Any] = {}
         self._dev: dict[str, Any] = {}
-        self._api = 10
 
     def load(self) -> None:
         try:
@@ -167,6 +183,7 @@ class TensorRTEngine(LoadedInWith):
         except ImportError as e:
             raise DependencyError("tensorrt/pycuda", "trt", "the TensorRT engine (JetPack provides TensorRT)") from e
         self._cuda = cuda
+        supported_tensorrt(str(trt.__version__))
         try:
             cuda.init()
             self._ctx = cuda.Device(self.device).retain_primary_context()
@@ -182,16 +199,13 @@ class TensorRTEngine(LoadedInWith):
                     f"{self.path}: TensorRT {trt.__version__} cannot deserialise it (built for another version or "
                     "GPU, or truncated)"
                 )
-            self._api = 10 if hasattr(self._engine, "num_io_tensors") else 8
-            specs = _tensors_v10(self._engine, trt) if self._api == 10 else _tensors_v8(self._engine, trt)
-            self.io = plan_io(specs, self.info, self.path)
+            self.io = plan_io(io_tensors(self._engine, trt), self.info, self.path)
             self._context = self._engine.create_execution_context()
             self._stream = cuda.Stream()
             for t in self.io.tensors:
                 self._host[t.name] = cuda.pagelocked_empty(t.shape, np.dtype(t.dtype))
                 self._dev[t.name] = cuda.mem_alloc(t.nbytes)
-                if self._api == 10:
-                    self._context.set_tensor_address(t.name, int(self._dev[t.name]))
+                self._context.set_tensor_address(t.name, int(self._dev[t.name]))
         except cuda.Error as e:
             failure = CudaError(f"allocating the engine's buffers failed: {e}")
             failure.__cause__ = e
@@ -204,7 +218,7 @@ class TensorRTEngine(LoadedInWith):
             raise failure
         assert self.io is not None
         self.engine_id = f"tensorrt:{self.path.name}:{file_sha256(self.path)[:12]}"
-        logger.info("loaded %s (TensorRT API %d, %s, %.1f MB of I/O buffers)", self.path, self._api,
+        logger.info("loaded %s (TensorRT %s, %s, %.1f MB of I/O buffers)", self.path, trt.__version__,
                     self.precision, self.io.total_bytes / 1e6)  # fmt: skip
 
     def warmup(self, runs: int = 1) -> None:
@@ -220,11 +234,7 @@ class TensorRTEngine(LoadedInWith):
         try:
             np.copyto(self._host[io.input.name], tensor.reshape(io.input.shape), casting="same_kind")
             cuda.memcpy_htod_async(self._dev[io.input.name], self._host[io.input.name], self._stream)
-            if self._api == 10:
-                ok = self._context.execute_async_v3(self._stream.handle)
-            else:
-                bindings = [int(self._dev[t.name]) for t in io.tensors]
-                ok = self._context.execute_async_v2(bindings=bindings, stream_handle=self._stream.handle)
+            ok = self._context.execute_async_v3(self._stream.handle)
             if not ok:
                 raise CudaError("TensorRT refused to enqueue the inference")
             for t in (io.predictions, io.prototypes):
@@ -260,11 +270,7 @@ class TensorRTEngine(LoadedInWith):
             raise ModelError("engine is not loaded (call load() first)")
         cuda = self._cuda
         try:
-            if self._api == 10:
-                ok = self._context.execute_async_v3(self._stream.handle)
-            else:
-                bindings = [int(self._dev[t.name]) for t in self.io.tensors]
-                ok = self._context.execute_async_v2(bindings=bindings, stream_handle=self._stream.handle)
+            ok = self._context.execute_async_v3(self._stream.handle)
             if not ok:
                 raise CudaError("TensorRT refused to enqueue the inference")
             self._stream.synchronize()

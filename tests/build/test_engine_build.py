@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 
 from cellseg.build.bundle import EngineBuildInfo, make_bundle
-from cellseg.build.engine_build import BuildReport, onnx_has_qdq, plan_build, tensorrt_api
+from cellseg.build.engine_build import BuildReport, onnx_has_qdq, plan_build
 from cellseg.cli import main
 from cellseg.edge.bundle import BundleError, load_trusted_keys
 from cellseg.edge.device import DeviceFacts
-from cellseg.edge.engine_tensorrt import TensorSpec, plan_io
+from cellseg.edge.engine_tensorrt import TensorSpec, plan_io, supported_tensorrt
 from cellseg.edge.errors import ConfigError, DependencyError, ModelError
 from cellseg.edge.flash import FlashSettings, flash_file
 from cellseg.edge.gpu_predictor import check_gpu_outputs
@@ -25,13 +25,14 @@ from cellseg.edge.slots import SlotStore
 from tests.conftest import SAMPLES
 
 
-def test_tensorrt_versions_dispatch_to_their_api() -> None:
-    assert tensorrt_api("8.6.2.3") == 8 and tensorrt_api("10.3.0.30") == 10 and tensorrt_api("10.15.1") == 10
-    for old in ("8.5.2", "7.1.3", "11.0.0"):
+def test_supported_tensorrt_versions() -> None:
+    assert supported_tensorrt("8.6.2.3") == 8 and supported_tensorrt("10.3.0.30") == 10
+    assert supported_tensorrt("10.15.1") == 10
+    for old in ("8.5.2", "7.1.3", "11.0.0"):  # 8.5: JetPack 5, whose Python 3.8 cannot run cellseg
         with pytest.raises(DependencyError, match="not supported"):
-            tensorrt_api(old)
+            supported_tensorrt(old)
     with pytest.raises(ConfigError):
-        tensorrt_api("latest")
+        supported_tensorrt("latest")
 
 
 def test_build_plans_per_version_and_precision() -> None:

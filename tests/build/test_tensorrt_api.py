@@ -1,0 +1,120 @@
+"""Every TensorRT name the code uses exists in the real Python bindings of each supported version
+(8.6.1 for JetPack 6.0, 10.3.0 for JetPack 6.1/6.2), found by reading the code, not by a list
+kept beside it: a misspelt or version-removed name fails here, not on a device.
+
+Read from the code: every attribute chain on the module (``trt.ILogger.Severity.ERROR``); the
+flag names :func:`plan_build` chooses for each version and precision (it looks them up with
+``getattr``); the methods and properties used on TensorRT objects, by the variables that hold
+them in each module (below); and the methods our Python subclasses of TensorRT interfaces
+define, since a misspelt override is silently never called. Not covered: pycuda (it cannot be
+imported without a CUDA driver library) and names reached any other way.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cellseg.build.engine_build import plan_build
+from tests.trt_bindings import DISTRIBUTIONS, bindings, missing_names
+
+REPO = Path(__file__).resolve().parents[2]
+MODULES = ("edge/engine_tensorrt.py", "build/engine_build.py", "build/trt_calibrator.py")
+# Which variables hold which TensorRT objects, per module (``self._engine`` is written "_engine").
+HOLDERS = {
+    "edge/engine_tensorrt.py": {"engine": "ICudaEngine", "_engine": "ICudaEngine", "_context": "IExecutionContext",
+                                "_runtime": "Runtime"},
+    "build/engine_build.py": {"builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser",
+                              "config": "IBuilderConfig"},
+}  # fmt: skip
+# Reached through a call's result, which the reading above does not follow.
+CHAINED = ["ITimingCache.serialize"]
+# Used only where the build plan says the version has it (plan.progress_monitor: TensorRT 10).
+ONLY_IN_10 = {"IProgressMonitor", "IBuilderConfig.progress_monitor"}
+
+
+def _chain(node: ast.AST) -> list[str] | None:
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return [node.id, *reversed(parts)]
+    return None
+
+
+def names_in_code() -> set[str]:
+    found: set[str] = set(CHAINED)
+    for module in MODULES:
+        tree = ast.parse((REPO / module).read_text())
+        holders = HOLDERS.get(module, {})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):  # inner links of a chain are names too: checked as well
+                chain = _chain(node)
+                if chain and chain[0] == "trt":
+                    found.add(".".join(p for p in chain[1:] if not p.startswith("__")))
+                elif chain and chain[0] in holders and len(chain) >= 2:
+                    found.add(f"{holders[chain[0]]}.{chain[1]}")
+                elif chain and chain[0] == "self" and len(chain) >= 3 and chain[1] in holders:
+                    found.add(f"{holders[chain[1]]}.{chain[2]}")
+            if isinstance(node, ast.ClassDef):  # our implementations of TensorRT interfaces
+                for base in node.bases:
+                    chain = _chain(base)
+                    if chain and chain[0] == "trt":
+                        interface = ".".join(chain[1:])
+                        found |= {f"{interface}.{f.name}" for f in node.body
+                                  if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")}  # fmt: skip
+    return {name for name in found if name}
+
+
+def names_for(version: str) -> set[str]:
+    names = names_in_code()
+    for precision, has_qdq in itertools.product(("fp16", "int8"), (False, True)):
+        if precision == "fp16" and has_qdq:
+            continue
+        plan = plan_build(version, precision, has_qdq)  # type: ignore[arg-type]
+        names |= {f"NetworkDefinitionCreationFlag.{n}" for n in plan.network_flags}
+        names |= {f"BuilderFlag.{n}" for n in plan.builder_flags}
+        if not plan.progress_monitor:
+            names -= {n for n in names if n in ONLY_IN_10 or n.startswith("IProgressMonitor.")}
+    return names
+
+
+def test_the_code_reading_finds_what_it_should() -> None:
+    """The reading must see the names it exists for (else the real check below checks nothing)."""
+    names = names_in_code()
+    for expected in ("Runtime", "TensorIOMode.INPUT", "ICudaEngine.num_io_tensors",
+                     "IExecutionContext.execute_async_v3", "IExecutionContext.set_tensor_address",
+                     "Builder.build_serialized_network",
+                     "IBuilderConfig.set_memory_pool_limit", "IInt8EntropyCalibrator2.get_batch", "ILogger.log",
+                     "IProgressMonitor.step_complete", "MemoryPoolType.WORKSPACE", "nptype"):  # fmt: skip
+        assert expected in names, expected
+    assert "NetworkDefinitionCreationFlag.EXPLICIT_BATCH" in names_for("8.6.1")
+    assert "NetworkDefinitionCreationFlag.EXPLICIT_BATCH" not in names_for("10.3.0")
+
+
+@pytest.fixture(scope="module")
+def cache() -> Path:
+    if shutil.which("gcc") is None or shutil.which("readelf") is None:
+        pytest.skip("needs gcc and readelf to make the stand-in libraries")
+    return Path(os.environ.get("CELLSEG_TEST_CACHE", Path.home() / ".cache" / "cellseg-tests"))
+
+
+@pytest.mark.parametrize("version", sorted(DISTRIBUTIONS))
+def test_every_tensorrt_name_the_code_uses_exists_in_the_real_bindings(version: str, cache: Path) -> None:
+    wanted = sorted(names_for(version))
+    found_version, missing = missing_names(bindings(version, cache), wanted)
+    assert found_version == version
+    assert not missing, f"TensorRT {version} has no {', '.join(missing)}"
+    assert len(wanted) > 40  # the reading found the code's names, not a handful
+
+
+def test_a_wrong_name_would_be_caught(cache: Path) -> None:
+    gone = ["IExecutionContext.execute_async_v2", "ICudaEngine.num_bindings"]
+    _, missing = missing_names(bindings("10.3.0", cache), [*gone, "IExecutionContext.execute_async_v3"])
+    assert missing == gone  # the binding-index API, removed in 10
