@@ -142,5 +142,6 @@ def predictor_for(opened: OpenedEngine, config: Config | None = None) -> Predict
         from cellseg.edge.gpu_predictor import GpuPredictor
 
         assert isinstance(opened.engine, TensorRTEngine)
-        return GpuPredictor(opened.engine, thresholds, pixel_size_um)
+        kernel_cache = config.state_dir / "kernels" if config is not None else None
+        return GpuPredictor(opened.engine, thresholds, pixel_size_um, kernel_cache=kernel_cache)
     return Predictor(opened.engine, thresholds, pixel_size_um)

@@ -10,6 +10,8 @@
     ├── DependencyError      an optional dependency needed for this command is not installed
     ├── SpoolError           the measurement spool cannot be opened or written   (spool.py)
     │   └── SpoolFullError       full, and its policy is to stop measuring
+    ├── KernelBuildError     the CUDA kernels do not compile for this GPU (kernel_compile.py)
+    │   └── NvrtcMissingError    no NVRTC library on this machine
     └── CommandError         an MQTT command was refused; the reason goes back    (commands.py)
 
 Causes are chained with ``raise ... from e`` so the original error stays visible.

@@ -14,14 +14,15 @@ when an overlay needs them. NMS runs on the host over the survivors (a few hundr
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from cellseg.edge.intensity import IntensityMapping, lookup_table
+from cellseg.edge.kernel_compile import KERNEL_FILES, kernel_names, kernel_source
 from cellseg.edge.model_info import PostprocessConfig
 from cellseg.edge.postprocess import (
     _CLASS_OFFSET,
@@ -35,14 +36,7 @@ from cellseg.edge.postprocess import (
 from cellseg.edge.preprocess import letterbox_geometry
 from cellseg.edge.types import Detections, Frame, Letterbox
 
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-KERNEL_FILES = ("preprocess", "postprocess")
 BLOCK = 256
-
-
-def kernel_source(name: str) -> str:
-    """The CUDA source of ``kernels/<name>.cu``."""
-    return (KERNEL_DIR / f"{name}.cu").read_text()
 
 
 class KernelRunner(Protocol):
@@ -295,16 +289,24 @@ class GpuPostprocess:
 
 
 class PycudaRunner:
-    """Runs the kernels on the GPU: sources compiled once by pycuda for this device."""
+    """Runs the kernels on the GPU, from cubins NVRTC compiled for this GPU
+    (:mod:`cellseg.edge.kernel_compile`), or, given none, compiled here by pycuda with nvcc.
 
-    def __init__(self) -> None:
+    Call with the engine's CUDA context current (``engine.active()``).
+    """
+
+    def __init__(self, cubins: Mapping[str, bytes] | None = None) -> None:
         import pycuda.driver as cuda
-        from pycuda.compiler import SourceModule
 
         self._cuda = cuda
         self._functions = {}
         for name in KERNEL_FILES:
-            module = SourceModule(kernel_source(name))
+            if cubins is not None:
+                module = cuda.module_from_buffer(cubins[name])
+            else:
+                from pycuda.compiler import SourceModule
+
+                module = SourceModule(kernel_source(name))  # runs nvcc, which must be on the PATH
             for kernel in kernel_names(kernel_source(name)):
                 self._functions[kernel] = module.get_function(kernel)
 
@@ -326,9 +328,3 @@ class PycudaRunner:
     def launch(self, kernel: str, grid: tuple[int, int, int], block: tuple[int, int, int], *args: Any) -> None:
         converted = [np.intp(0) if a is None else np.int32(a) if isinstance(a, int) else a for a in args]
         self._functions[kernel](*converted, block=block, grid=grid[:2])
-
-
-def kernel_names(source: str) -> list[str]:
-    import re
-
-    return re.findall(r"__global__\s+void\s+(\w+)\s*\(", source)

@@ -8,14 +8,19 @@ postprocess kernels read the engine's output buffers -> boxes, scores, areas, co
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from cellseg.edge.engine_tensorrt import IoPlan, TensorRTEngine
 from cellseg.edge.errors import ModelError
 from cellseg.edge.gpu_pipeline import GpuDetections, GpuPostprocess, GpuPreprocess, KernelRunner, PycudaRunner
+from cellseg.edge.kernel_compile import NvrtcMissingError, kernel_cubins
 from cellseg.edge.model_info import PostprocessConfig
 from cellseg.edge.types import Detections, Frame, Measurement
+
+logger = logging.getLogger(__name__)
 
 
 def check_gpu_outputs(io: IoPlan) -> None:
@@ -36,6 +41,19 @@ class GpuResult:
     gpu: GpuDetections
 
 
+def device_cubins(cache: Path | None) -> dict[str, bytes] | None:
+    """The kernels compiled by NVRTC for the GPU of the current CUDA context (cached in ``cache``),
+    or None where this machine has no NVRTC: pycuda then compiles them with nvcc."""
+    import pycuda.driver as cuda
+
+    major, minor = cuda.Context.get_device().compute_capability()
+    try:
+        return kernel_cubins(f"sm_{major}{minor}", cache)
+    except NvrtcMissingError as e:
+        logger.warning("%s; compiling the kernels with nvcc instead, which must be on the PATH", e)
+        return None
+
+
 class GpuPredictor:
     def __init__(
         self,
@@ -44,6 +62,8 @@ class GpuPredictor:
         pixel_size_um: float | None = None,
         runner: KernelRunner | None = None,
         want_masks: bool = False,
+        *,
+        kernel_cache: Path | None = None,
     ) -> None:
         if engine.io is None:
             raise ValueError("load the engine before building a GpuPredictor")
@@ -52,7 +72,7 @@ class GpuPredictor:
         self.pixel_size_um = pixel_size_um
         self.want_masks = want_masks
         with engine.active():
-            self.runner = runner or PycudaRunner()
+            self.runner = runner or PycudaRunner(device_cubins(kernel_cache))
         io = engine.io
         info = engine.info
         check_gpu_outputs(io)

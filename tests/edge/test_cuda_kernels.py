@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-from cellseg.edge.gpu_pipeline import KERNEL_DIR, KERNEL_FILES, GpuPostprocess, GpuPreprocess, kernel_source
+from cellseg.edge.gpu_pipeline import GpuPostprocess, GpuPreprocess
 from cellseg.edge.imageio import read_image
+from cellseg.edge.kernel_compile import KERNEL_DIR, KERNEL_FILES, kernel_source
 from cellseg.edge.postprocess import Postprocessor
 from cellseg.edge.preprocess import Preprocessor
 from cellseg.edge.types import Detections, Frame

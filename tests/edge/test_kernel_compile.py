@@ -1,0 +1,90 @@
+"""The CUDA kernels compile with NVRTC for every architecture cellseg lists, without nvcc and
+without a GPU: CUDA 12.6's NVRTC (JetPack 6.1/6.2's CUDA) from PyPI, each cubin checked to be an
+ELF file for that architecture holding every kernel. Loading one needs a GPU, which is the
+one-shot GPU check's part."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cellseg.edge.kernel_compile import (
+    ARCHITECTURES,
+    KERNEL_FILES,
+    NVRTC_ENV,
+    KernelBuildError,
+    Nvrtc,
+    cubin_arch,
+    find_nvrtc,
+    kernel_cubins,
+    kernel_names,
+    kernel_source,
+)
+
+NVRTC_WHEEL = "nvidia-cuda-nvrtc-cu12==12.6.85"
+
+
+@pytest.fixture(scope="module")
+def nvrtc_library() -> Path:
+    cache = Path(os.environ.get("CELLSEG_TEST_CACHE", Path.home() / ".cache" / "cellseg-tests")) / "nvrtc-12.6"
+    library = cache / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"
+    if not library.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--dest", str(cache / "wheel"), NVRTC_WHEEL], check=True, timeout=600)  # fmt: skip
+        (wheel,) = (cache / "wheel").glob("*.whl")
+        zipfile.ZipFile(wheel).extractall(cache)
+    return library
+
+
+@pytest.fixture(scope="module")
+def nvrtc(nvrtc_library: Path) -> Nvrtc:
+    compiler = Nvrtc(nvrtc_library)
+    assert compiler.version == "12.6"
+    return compiler
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_kernel_compiles_for_every_listed_architecture(nvrtc: Nvrtc, arch: str) -> None:
+    cubins = kernel_cubins(arch, nvrtc=nvrtc)
+    assert sorted(cubins) == sorted(KERNEL_FILES)
+    for name, cubin in cubins.items():
+        assert cubin_arch(cubin) == arch
+        for kernel in kernel_names(kernel_source(name)):
+            assert b".text." + kernel.encode() in cubin, f"{kernel} is not in the {arch} cubin of {name}.cu"
+
+
+def test_cubins_are_cached_by_source_architecture_and_compiler(nvrtc_library: Path, tmp_path: Path) -> None:
+    class Counting(Nvrtc):
+        def __init__(self, library: Path) -> None:
+            super().__init__(library)
+            self.compiles = 0
+
+        def compile(self, source: str, name: str, arch: str) -> bytes:
+            self.compiles += 1
+            return super().compile(source, name, arch)
+
+    counting = Counting(nvrtc_library)
+    first = kernel_cubins("sm_87", tmp_path, nvrtc=counting)
+    assert counting.compiles == len(KERNEL_FILES)
+    assert kernel_cubins("sm_87", tmp_path, nvrtc=counting) == first  # read back, not compiled again
+    assert counting.compiles == len(KERNEL_FILES)
+    assert sorted(p.name.split("-")[:2] for p in tmp_path.iterdir()) == [[n, "sm_87"] for n in sorted(KERNEL_FILES)]
+    kernel_cubins("sm_72", tmp_path, nvrtc=counting)  # another architecture is another entry
+    assert counting.compiles == 2 * len(KERNEL_FILES)
+
+
+def test_a_compile_error_carries_nvrtcs_log(nvrtc: Nvrtc) -> None:
+    with pytest.raises(KernelBuildError, match=r"compiling broken\.cu for sm_87 failed(.|\n)*undefined_thing"):
+        nvrtc.compile('extern "C" __global__ void k(float* x) { x[0] = undefined_thing; }', "broken.cu", "sm_87")
+    with pytest.raises(KernelBuildError, match="not a CUDA cubin"):
+        cubin_arch(b"\x7fELF" + bytes(60))
+
+
+def test_the_environment_names_the_compiler_first(nvrtc_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NVRTC_ENV, str(nvrtc_library))
+    assert find_nvrtc() == nvrtc_library
