@@ -231,6 +231,32 @@ def check_gpu_nodes(config: Config, path: Path) -> list[Check]:
     return [Check("gpu", "ok", f"{len(present)} {kind} GPU device nodes accessible")]
 
 
+def check_kernels(config: Config, path: Path) -> list[Check]:
+    """On a GPU machine: the CUDA kernels compile for this GPU with NVRTC (in memory: the daemon
+    caches its own copy), since the service cannot count on nvcc being on its PATH."""
+    from cellseg.edge.kernel_compile import KernelBuildError, Nvrtc, find_nvrtc, kernel_cubins
+
+    facts = DeviceFacts.detect()
+    if not (NV_TEGRA_RELEASE.exists() or Path("/dev/nvidiactl").exists() or facts.tensorrt):
+        return [Check("kernels", "info", "no NVIDIA GPU: the CUDA kernels are not needed")]
+    library = find_nvrtc()
+    if library is None:
+        return [Check("kernels", "warn", "no NVRTC library: the kernels would be compiled by nvcc, which the "
+                      "service's PATH does not have", "JetPack's CUDA has libnvrtc in /usr/local/cuda/lib64 "
+                      "(apt install cuda-nvrtc-12-6); elsewhere pip install nvidia-cuda-nvrtc-cu12")]  # fmt: skip
+    if facts.compute_capability is None:
+        return [Check("kernels", "warn", f"NVRTC at {library}, but no GPU answers through CUDA (pycuda)",
+                      "pip install 'cellseg[trt]' (pycuda), and check the GPU's device nodes")]  # fmt: skip
+    arch = "sm_" + facts.compute_capability.replace(".", "")
+    try:
+        nvrtc = Nvrtc(library)
+        kernel_cubins(arch, nvrtc=nvrtc)
+    except KernelBuildError as e:
+        return [Check("kernels", "fail", f"the CUDA kernels do not compile for {arch}: {e}",
+                      "report this as a cellseg bug, with cellseg doctor --json")]  # fmt: skip
+    return [Check("kernels", "ok", f"NVRTC {nvrtc.version} compiles the CUDA kernels for {arch}")]
+
+
 def check_slot(config: Config, path: Path) -> list[Check]:
     from cellseg.edge.bundle import MANIFEST, SIGNATURE, BundleError, check_files, load_trusted_keys, verify_signature
     from cellseg.edge.engine_select import read_slot_manifest
@@ -539,6 +565,7 @@ def run_doctor(config_path: Path) -> DoctorReport:
     steps: list[Callable[[Config, Path], list[Check]]] = [
         check_engine,
         check_gpu_nodes,
+        check_kernels,
         check_slot,
         check_source,
         check_broker,

@@ -117,6 +117,14 @@ if [ "$mode" = uninstall ]; then
 fi
 
 # --- install or upgrade ----------------------------------------------------------------------
+if [ -e /etc/nv_tegra_release ]; then
+  l4t=$(sed -n 's/^# R\([0-9]*\) (release).*/\1/p' /etc/nv_tegra_release)
+  if [ -n "$l4t" ] && [ "$l4t" -lt 36 ]; then
+    die "this Jetson runs L4T R$l4t (JetPack 5 or older: Python 3.8, TensorRT 8.5), and cellseg needs JetPack 6 \
+(L4T R36: Python 3.10, TensorRT 8.6 or 10.3). Flash JetPack 6 on an Orin; a Xavier cannot run it: run cellseg \
+on a PC next to the microscope instead (ONNX Runtime on the CPU)"
+  fi
+fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
   die "cellseg needs Python 3.10 or newer; this python3 is $(python3 -V 2>&1)"
 python3 -c 'import ensurepip' 2>/dev/null ||

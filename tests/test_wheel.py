@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +113,25 @@ def test_predict_from_the_wheel_matches_the_checkout_on_a_real_16_bit_frame(
         here = Predictor(engine)(Frame(read_image(frame), source=str(frame))).measurement
     assert installed["count"] == here.count > 0
     assert installed["confluence_pct"] == pytest.approx(here.confluence_pct, abs=1e-3)
+
+
+def test_a_jetsons_dependencies_resolve_to_binary_wheels(wheel: Path, tmp_path: Path) -> None:
+    """What install.sh asks pip for on a Jetson (the 'edge' extra; OpenCV and TensorRT come from
+    JetPack), under its constraints, as JetPack 6 needs it: wheels for aarch64, CPython 3.10,
+    glibc 2.35 (Ubuntu 22.04), nothing to build there, numpy below 2. (pycuda, in 'trt', has no
+    wheels and is built on the device against JetPack's CUDA.)"""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+         # Every manylinux level glibc 2.35 runs: pip does not expand a given platform to older ones.
+         *(f"--platform=manylinux_{v}_aarch64" for v in ("2_35", "2_28", "2_17")), "--platform=manylinux2014_aarch64",
+         "--python-version", "3.10", "--implementation", "cp",
+         "--constraint", str(REPO / "systemd" / "jetson-constraints.txt"), "--dest", str(tmp_path),
+         f"{wheel}[edge]"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in tmp_path.glob("*.whl"))
+    assert all(f.endswith(("-any.whl", "aarch64.whl")) for f in files), files
+    (numpy,) = [f for f in files if f.startswith("numpy-")]
+    assert numpy.startswith("numpy-1.") and "cp310" in numpy, numpy
+    assert {f.split("-")[0].lower() for f in files} >= {"numpy", "pyyaml", "pydantic_core", "paho_mqtt", "cryptography"}

@@ -88,3 +88,22 @@ def test_a_compile_error_carries_nvrtcs_log(nvrtc: Nvrtc) -> None:
 def test_the_environment_names_the_compiler_first(nvrtc_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(NVRTC_ENV, str(nvrtc_library))
     assert find_nvrtc() == nvrtc_library
+
+
+def test_the_doctor_says_whether_the_kernels_compile_for_this_gpu(
+    nvrtc_library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU's facts are made up (there is no GPU here); NVRTC and the kernels are real."""
+    from cellseg.edge import doctor
+    from cellseg.edge.config import parse_config
+    from cellseg.edge.device import DeviceFacts
+
+    config = parse_config({"device_id": "orin-1", "source": {"kind": "images", "images": ["x.png"]}})
+    orin = DeviceFacts(tensorrt="10.3.0", compute_capability="8.7", l4t="36.4.0")
+    monkeypatch.setattr(DeviceFacts, "detect", classmethod(lambda cls: orin))
+    monkeypatch.setenv(NVRTC_ENV, str(nvrtc_library))
+    (check,) = doctor.check_kernels(config, Path("cellseg.yaml"))
+    assert (check.status, check.detail) == ("ok", "NVRTC 12.6 compiles the CUDA kernels for sm_87")
+    monkeypatch.setattr("cellseg.edge.kernel_compile.find_nvrtc", lambda: None)
+    (check,) = doctor.check_kernels(config, Path("cellseg.yaml"))
+    assert check.status == "warn" and "nvidia-cuda-nvrtc-cu12" in check.fix

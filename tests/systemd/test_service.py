@@ -223,3 +223,17 @@ def test_uninstall_keeps_measurements_and_purge_removes_everything(device: Devic
     assert "removed cellseg, its configuration, state, spool and user" in purged.stdout
     assert not device.container.path("/etc/cellseg").exists() and not device.container.path("/var/lib/cellseg").exists()
     assert device.sh("id", "cellseg", check=False).returncode != 0
+
+
+def test_a_jetpack_5_jetson_is_refused_before_anything_is_installed(device: Device) -> None:
+    release = device.container.path("/etc/nv_tegra_release")
+    release.write_text("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64\n")
+    try:
+        refused = device.install_sh(
+            "--wheel", f"/wheelhouse/{device.wheel}", "--wheelhouse", "/wheelhouse", check=False
+        )
+    finally:
+        release.unlink()
+    assert refused.returncode == 1
+    assert "L4T R35 (JetPack 5 or older: Python 3.8, TensorRT 8.5), and cellseg needs JetPack 6" in refused.stderr
+    assert not device.container.path("/opt/cellseg").exists() and device.sh("id", "cellseg", check=False).returncode
