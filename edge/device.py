@@ -145,6 +145,15 @@ def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
     return max(1, len(cores))
 
 
+def jetpack_for(l4t: str) -> str:
+    """The JetPack a Jetson Linux (L4T) release comes with, for reports: ``36.4.3`` -> ``6.2``."""
+    releases = {"36.4.3": "6.2", "36.4": "6.1", "36.3": "6.0", "35": "5.1", "34": "5.0", "32": "4"}
+    for prefix, jetpack in releases.items():
+        if l4t == prefix or l4t.startswith(prefix + "."):
+            return jetpack
+    return "unknown"
+
+
 def l4t_release(path: Path) -> str | None:
     """``36.4.0`` from ``# R36 (release), REVISION: 4.0, ...`` (Jetson's /etc/nv_tegra_release)."""
     try:

@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cellseg.edge.config import Config, load_config
-from cellseg.edge.device import GPU_DEVICE_NODES, NV_TEGRA_RELEASE, DeviceFacts, dist_version, l4t_release
+from cellseg.edge.device import (
+    GPU_DEVICE_NODES,
+    NV_TEGRA_RELEASE,
+    DeviceFacts,
+    dist_version,
+    jetpack_for,
+    l4t_release,
+)
 from cellseg.edge.errors import CellsegError
 
 Status = Literal["ok", "info", "warn", "fail"]
@@ -105,7 +112,7 @@ def check_python() -> list[Check]:
     where = f"Python {platform.python_version()} on {platform.machine()}"
     l4t = l4t_release(NV_TEGRA_RELEASE)
     if l4t:
-        where += f", Jetson L4T {l4t}"
+        where += f", Jetson L4T {l4t} (JetPack {jetpack_for(l4t)})"
     return [Check("python", "ok", where + f", as user {_user()}")]
 
 
