@@ -16,6 +16,8 @@ import ast
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,35 @@ def test_a_wrong_name_would_be_caught(cache: Path) -> None:
     gone = ["IExecutionContext.execute_async_v2", "ICudaEngine.num_bindings"]
     _, missing = missing_names(bindings("10.3.0", cache), [*gone, "IExecutionContext.execute_async_v3"])
     assert missing == gone  # the binding-index API, removed in 10
+
+
+LOGGER_PROBE = """
+import logging, sys
+import tensorrt_bindings as trt
+sys.modules["tensorrt"] = trt
+from cellseg.edge.engine_tensorrt import tensorrt_logger
+seen = []
+handler = logging.Handler()
+handler.emit = lambda record: seen.append((record.levelname, record.getMessage()))
+logging.getLogger("cellseg.tensorrt").addHandler(handler)
+logging.getLogger("cellseg.tensorrt").setLevel(logging.DEBUG)
+first, second = tensorrt_logger(trt), tensorrt_logger(trt)
+assert first is second, "a second logger: TensorRT would ignore it"
+assert isinstance(first, trt.ILogger)
+first.log(trt.ILogger.Severity.WARNING, "from TensorRT")
+first.log(trt.ILogger.Severity.VERBOSE, "detail")
+print(seen)
+"""
+
+
+@pytest.mark.parametrize("version", sorted(DISTRIBUTIONS))
+def test_one_logger_per_process_bridged_to_logging(version: str, cache: Path) -> None:
+    """The bridge is a real subclass of each version's ILogger, made once per process (TensorRT
+    keeps the first logger it is given), and its messages reach Python's logging."""
+    folder = bindings(version, cache)
+    paths = os.pathsep.join([str(folder), *sys.path])
+    env = dict(os.environ, PYTHONPATH=paths, LD_LIBRARY_PATH=str(folder))
+    proc = subprocess.run([sys.executable, "-c", LOGGER_PROBE], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[('WARNING', 'from TensorRT'), ('DEBUG', 'detail')]"
