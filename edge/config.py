@@ -52,6 +52,10 @@ class SourceConfig(_Section):
         "(a 20000x20000 image would take gigabytes; 100 is 10000x10000)",
     )
 
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
+
     @model_validator(mode="after")
     def _needs(self) -> SourceConfig:
         required = {"folder": "path", "video": "path", "images": "images", "v4l2": "device", "rtsp": "url"}

@@ -12,7 +12,6 @@ A systemd credential is checked only where ``$CREDENTIALS_DIRECTORY`` is set (in
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -52,14 +51,13 @@ def _model_problem(path: Path) -> str | None:
     not built: a TensorRT plan needs the GPU, which validation does not)."""
     from cellseg.edge.bundle import check_files
     from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.engine_select import read_slot_manifest
-    from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo
+    from cellseg.edge.engine_select import read_slot_manifest, slot_model_info
 
     if path.is_dir():
         try:
             manifest = read_slot_manifest(path)
             check_files(path, manifest)
-            ModelInfo.from_metadata({CELLSEG_METADATA_KEY: json.dumps(manifest.model)}, path)
+            slot_model_info(manifest, path)
         except CellsegError as e:
             return str(e)
         return None

@@ -56,11 +56,10 @@ DEFAULT_MAX_SILENCE_S = 60.0
 
 def make_source(config: Config, is_done: Callable[[str], bool]) -> Source:
     s = config.source
-    max_pixels = int(s.max_megapixels * 1e6)
     if s.kind == "folder" and s.path is not None:
-        return FolderSource(s.path, pattern=s.pattern, is_done=is_done, loop=s.loop, max_pixels=max_pixels)
+        return FolderSource(s.path, pattern=s.pattern, is_done=is_done, loop=s.loop, max_pixels=s.max_pixels)
     if s.kind == "images":
-        return ImageListSource(s.images, loop=s.loop, max_pixels=max_pixels)
+        return ImageListSource(s.images, loop=s.loop, max_pixels=s.max_pixels)
     if s.kind == "video" and s.path is not None:
         return VideoFileSource(s.path, loop=s.loop)
     if s.kind in ("v4l2", "rtsp", "csi"):

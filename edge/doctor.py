@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -206,11 +205,17 @@ def check_engine(config: Config, path: Path) -> list[Check]:
     return checks
 
 
+def _gpu_kind() -> str | None:
+    """``jetson``, ``dgpu`` (a PC with an NVIDIA card), or None: the device nodes to expect."""
+    if NV_TEGRA_RELEASE.exists():
+        return "jetson"
+    return "dgpu" if Path("/dev/nvidiactl").exists() else None
+
+
 def check_gpu_nodes(config: Config, path: Path) -> list[Check]:
     """The device nodes CUDA opens, where this machine has them (a Jetson, or a dGPU box)."""
-    jetson = NV_TEGRA_RELEASE.exists()
-    dgpu = Path("/dev/nvidiactl").exists()
-    if not jetson and not dgpu:
+    kind = _gpu_kind()
+    if kind is None:
         if config.engine.backend == "tensorrt":
             return [
                 Check(
@@ -221,7 +226,6 @@ def check_gpu_nodes(config: Config, path: Path) -> list[Check]:
                 )
             ]
         return [Check("gpu", "info", "no NVIDIA GPU on this machine; engines run on the CPU")]
-    kind = "jetson" if jetson else "dgpu"
     present = [p for p in GPU_DEVICE_NODES[kind] if Path(p).exists()]
     denied = [p for p in present if not os.access(p, os.R_OK | os.W_OK)]
     if not present:
@@ -244,7 +248,7 @@ def check_kernels(config: Config, path: Path) -> list[Check]:
     from cellseg.edge.kernel_compile import KernelBuildError, Nvrtc, find_nvrtc, kernel_cubins
 
     facts = DeviceFacts.detect()
-    if not (NV_TEGRA_RELEASE.exists() or Path("/dev/nvidiactl").exists() or facts.tensorrt):
+    if _gpu_kind() is None and not facts.tensorrt:
         return [Check("kernels", "info", "no NVIDIA GPU: the CUDA kernels are not needed")]
     library = find_nvrtc()
     if library is None:
@@ -366,7 +370,7 @@ def check_source(config: Config, path: Path) -> list[Check]:
         from cellseg.edge.imageio import read_image
 
         try:
-            pixels = read_image(newest, int(s.max_megapixels * 1e6))
+            pixels = read_image(newest, s.max_pixels)
         except CellsegError as e:
             return [
                 Check(
@@ -503,14 +507,12 @@ def check_state(config: Config, path: Path) -> list[Check]:
 
 
 def _spool_depth(path: Path) -> Check:
+    from cellseg.edge.spool import read_depth
+
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-        try:
-            depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error as e:
-        return Check("spool", "warn", f"{path}: cannot read: {e}", "run the doctor as the service user")
+        depth = read_depth(path)
+    except CellsegError as e:
+        return Check("spool", "warn", str(e), "run the doctor as the service user")
     return Check("spool", "info", f"{depth} message{'s' if depth != 1 else ''} waiting in {path} for the broker")
 
 

@@ -48,6 +48,11 @@ def read_slot_manifest(slot: Path) -> Manifest:
     return parse_manifest(data)
 
 
+def slot_model_info(manifest: Manifest, slot: Path) -> ModelInfo:
+    """The model a slot's engine was made from, from its manifest (a TensorRT plan carries none)."""
+    return ModelInfo.from_metadata({CELLSEG_METADATA_KEY: json.dumps(manifest.model)}, slot)
+
+
 def check_backend(kind: str, backend: str, where: object) -> str:
     """The backend that runs an engine of ``kind`` (``onnx``/``tensorrt``); ConfigError when the
     config's ``engine.backend`` asks for the other one."""
@@ -88,8 +93,7 @@ def open_engine(path: Path, backend: str = "auto", threads: int | None = None) -
         assert manifest is not None
         from cellseg.edge.engine_tensorrt import TensorRTEngine
 
-        info = ModelInfo.from_metadata({CELLSEG_METADATA_KEY: json.dumps(manifest.model)}, path)
-        engine = TensorRTEngine(model_file, info, precision=manifest.engine.precision)
+        engine = TensorRTEngine(model_file, slot_model_info(manifest, path), precision=manifest.engine.precision)
     engine.load()
     try:
         engine.warmup()

@@ -54,6 +54,19 @@ CREATE TABLE IF NOT EXISTS done (key TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
 
 
+def read_depth(path: Path) -> int:
+    """Messages waiting in the spool at ``path``, read without writing anything (another process,
+    the running daemon, may hold it); SpoolError when it cannot be read."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise SpoolError(f"{path}: cannot read: {e}") from e
+
+
 class Spool:
     """A durable FIFO of MQTT messages, shared by the pipeline (put) and the publisher (take, ack).
 
