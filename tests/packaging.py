@@ -1,13 +1,14 @@
 """The wheel as users get it: built from the checkout, its dependencies as a wheelhouse (the
-offline install an air-gapped lab makes), and a fresh virtual environment installed from both."""
+offline install an air-gapped lab makes), and a fresh virtual environment installed from both;
+and the other wheels tests fetch once into their cache (TensorRT's bindings, NVRTC)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
-
-import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_EXTRAS = "edge,cpu"
@@ -39,8 +40,29 @@ def make_venv(where: Path, wheel: Path, wheelhouse: Path) -> Path:
     return where / "bin"
 
 
+def cache_folder() -> Path:
+    """Where tests keep what they fetch or build once (a Debian root file system, wheels):
+    ``$CELLSEG_TEST_CACHE``, else ``~/.cache/cellseg-tests``."""
+    return Path(os.environ.get("CELLSEG_TEST_CACHE", Path.home() / ".cache" / "cellseg-tests"))
+
+
+def unpacked_wheel(requirement: str, where: Path, *pip_options: str) -> Path:
+    """The one wheel ``requirement`` names, downloaded (no dependencies) and unpacked into ``where``
+    once; later calls find it there."""
+    done = where / ".unpacked"
+    if not done.exists():
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+        subprocess.run([*command, *pip_options, "--dest", str(where / "wheel"), requirement], check=True, timeout=600)
+        (wheel,) = (where / "wheel").glob("*.whl")
+        zipfile.ZipFile(wheel).extractall(where)
+        done.touch()
+    return where
+
+
 def package_dirs() -> dict[str, str]:
     """pyproject's package -> source folder mapping (``cellseg.edge`` -> ``edge``)."""
+    import tomllib  # Python 3.11 and later; the JetPack lane (3.10) imports this module for the rest
+
     with open(REPO / "pyproject.toml", "rb") as f:
         setuptools = tomllib.load(f)["tool"]["setuptools"]
     return dict(setuptools["package-dir"])

@@ -10,8 +10,9 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
+
+from tests.packaging import unpacked_wheel
 
 # The bindings of each supported TensorRT, by PyPI distribution (CUDA 12 builds where split).
 DISTRIBUTIONS = {"8.6.1": "tensorrt-bindings", "10.3.0": "tensorrt-cu12-bindings"}
@@ -56,12 +57,7 @@ def bindings(version: str, cache: Path) -> Path:
     where = cache / f"trt-bindings-{version}-cp{sys.version_info[0]}{sys.version_info[1]}"
     if (where / "ready").exists():
         return where
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--platform", "manylinux_2_17_x86_64", "--dest", str(where / "wheel"),
-                    f"{DISTRIBUTIONS[version]}=={version}"], check=True, timeout=600)  # fmt: skip
-    (wheel,) = (where / "wheel").glob("*.whl")
-    zipfile.ZipFile(wheel).extractall(where)
+    unpacked_wheel(f"{DISTRIBUTIONS[version]}=={version}", where, "--platform", "manylinux_2_17_x86_64")
     _stand_ins(where / "tensorrt_bindings" / "tensorrt.so", where)
     (where / "ready").touch()
     return where

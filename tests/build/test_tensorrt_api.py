@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from cellseg.build.engine_build import plan_build
+from tests.packaging import cache_folder
 from tests.trt_bindings import DISTRIBUTIONS, bindings, missing_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def test_the_code_reading_finds_what_it_should() -> None:
 def cache() -> Path:
     if shutil.which("gcc") is None or shutil.which("readelf") is None:
         pytest.skip("needs gcc and readelf to make the stand-in libraries")
-    return Path(os.environ.get("CELLSEG_TEST_CACHE", Path.home() / ".cache" / "cellseg-tests"))
+    return cache_folder()
 
 
 @pytest.mark.parametrize("version", sorted(DISTRIBUTIONS))

@@ -108,27 +108,10 @@ def test_folder_of_12_frames_measured_published_and_stopped_cleanly(
         state = json.loads(sub.payloads(f"{PREFIX}/state")[-1])
         assert state["measured"] == 12 and state["spool_depth"] == 0
         assert "READY=1" in seen and "WATCHDOG=1" in seen and "STOPPING=1" in seen
-        sub.close()
-    finally:
-        broker.stop()
-
-
-def test_a_healthy_run_logs_nothing_at_warning_or_above(frames: Path, tmp_path: Path, notify: NotifySocket) -> None:
-    """An admin reading the journal must be able to trust that a WARNING means something."""
-    for extra in sorted(frames.iterdir())[3:]:
-        extra.unlink()
-    broker = Broker(tmp_path)
-    broker.start()
-    try:
-        sub = Subscriber(broker.host, broker.port, f"{PREFIX}/#")
-        proc = _start(_config(tmp_path, frames, broker), tmp_path)
-        try:
-            assert sub.wait_for(lambda: len(_seqs(sub)) == 3, timeout=120)
-            _stop(proc)
-        finally:
-            _ensure_dead(proc)
+        # An admin reading the journal must be able to trust that a WARNING means something:
+        # this healthy run logs nothing at WARNING or above (its level is INFO: the rest is there).
         log = proc.stderr.read() if proc.stderr else ""
-        assert "INFO cellseg.edge.daemon: engine: onnxruntime" in log  # the level is INFO: it is all there
+        assert "INFO cellseg.edge.daemon: engine: onnxruntime" in log
         assert not re.search(r"^(WARNING|ERROR|CRITICAL) ", log, re.MULTILINE), log
         sub.close()
     finally:

@@ -5,10 +5,6 @@ one-shot GPU check's part."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,20 +21,15 @@ from cellseg.edge.kernel_compile import (
     kernel_names,
     kernel_source,
 )
+from tests.packaging import cache_folder, unpacked_wheel
 
 NVRTC_WHEEL = "nvidia-cuda-nvrtc-cu12==12.6.85"
 
 
 @pytest.fixture(scope="module")
 def nvrtc_library() -> Path:
-    cache = Path(os.environ.get("CELLSEG_TEST_CACHE", Path.home() / ".cache" / "cellseg-tests")) / "nvrtc-12.6"
-    library = cache / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"
-    if not library.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        "--dest", str(cache / "wheel"), NVRTC_WHEEL], check=True, timeout=600)  # fmt: skip
-        (wheel,) = (cache / "wheel").glob("*.whl")
-        zipfile.ZipFile(wheel).extractall(cache)
-    return library
+    where = unpacked_wheel(NVRTC_WHEEL, cache_folder() / "nvrtc-12.6")
+    return where / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12"
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import yaml
 
 from cellseg.build.bundle import generate_keypair
 from tests.mqtt_broker import Broker, Subscriber
+from tests.packaging import cache_folder
 from tests.systemd.container import Container, cached_rootfs, missing_tools
 
 pytestmark = pytest.mark.slow
@@ -89,8 +90,7 @@ def device(
         if os.environ.get("CI"):
             pytest.fail(reason)  # CI provides all of it: a skip there would hide a broken install
         pytest.skip(reason)
-    cache = Path(os.environ.get("CELLSEG_TEST_CACHE", Path.home() / ".cache" / "cellseg-tests"))
-    rootfs = cached_rootfs(cache)
+    rootfs = cached_rootfs(cache_folder())
     work = tmp_path_factory.mktemp("device")
     broker = Broker(work)
     broker.start()
