@@ -279,8 +279,8 @@ class TensorRTEngine(LoadedInWith):
 
     def close(self) -> None:
         """Free in reverse order of creation: buffers, stream, context, engine, runtime, CUDA context."""
-        for d in reversed(list(self._dev.values())):
-            d.free()
+        for allocation in reversed(list(self._dev.values())):
+            allocation.free()
         self._dev.clear()
         self._host.clear()
         self._stream = None

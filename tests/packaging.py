@@ -66,3 +66,37 @@ def package_dirs() -> dict[str, str]:
     with open(REPO / "pyproject.toml", "rb") as f:
         setuptools = tomllib.load(f)["tool"]["setuptools"]
     return dict(setuptools["package-dir"])
+
+
+def unpacked_sdist(name: str, version: str, where: Path, index: str = "https://pypi.org/simple") -> Path:
+    """The source distribution of ``name`` ``version``, fetched once from the index's JSON API
+    (PEP 691), checked against the sha256 the index gives and unpacked; the source folder.
+
+    Not ``pip download``: for an sdist pip prepares metadata, which means a build environment
+    and, for a CUDA package, a build that cannot run here."""
+    import hashlib
+    import json
+    import tarfile
+    import urllib.request
+
+    folder = where / f"{name}-{version}"
+    if (where / ".unpacked").exists():
+        return folder
+    request = urllib.request.Request(f"{index}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    wanted = f"{name}-{version}.tar.gz"
+    (entry,) = [f for f in files if f["filename"] == wanted] or [None]
+    if entry is None:
+        raise RuntimeError(f"{index} has no {wanted}")
+    with urllib.request.urlopen(entry["url"], timeout=300) as response:
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != entry["hashes"]["sha256"]:
+        raise RuntimeError(f"{wanted} does not match the sha256 the index gives")
+    where.mkdir(parents=True, exist_ok=True)
+    archive = where / wanted
+    archive.write_bytes(data)
+    with tarfile.open(archive) as tar:
+        tar.extractall(where, filter="data")
+    (where / ".unpacked").touch()
+    return folder

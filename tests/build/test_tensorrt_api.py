@@ -2,17 +2,16 @@
 (8.6.1 for JetPack 6.0, 10.3.0 for JetPack 6.1/6.2), found by reading the code, not by a list
 kept beside it: a misspelt or version-removed name fails here, not on a device.
 
-Read from the code: every attribute chain on the module (``trt.ILogger.Severity.ERROR``); the
-flag names :func:`plan_build` chooses for each version and precision (it looks them up with
-``getattr``); the methods and properties used on TensorRT objects, by the variables that hold
-them in each module (below); and the methods our Python subclasses of TensorRT interfaces
-define, since a misspelt override is silently never called. Not covered: pycuda (it cannot be
-imported without a CUDA driver library) and names reached any other way.
+Read from the code (:mod:`tests.api_usage`): every attribute chain on the module
+(``trt.ILogger.Severity.ERROR``); the methods and properties used on TensorRT objects, by the
+variables that hold them in each module (below) and through calls whose result type is known;
+the methods our Python subclasses of TensorRT interfaces define, since a misspelt override is
+silently never called; and the flag names :func:`plan_build` chooses for each version and
+precision (it looks them up with ``getattr``). pycuda has its own test (tests/edge/test_pycuda_api.py).
 """
 
 from __future__ import annotations
 
-import ast
 import itertools
 import os
 import shutil
@@ -23,56 +22,31 @@ from pathlib import Path
 import pytest
 
 from cellseg.build.engine_build import plan_build
+from tests.api_usage import Library, used_names
 from tests.packaging import cache_folder
 from tests.trt_bindings import DISTRIBUTIONS, bindings, missing_names
 
 REPO = Path(__file__).resolve().parents[2]
-MODULES = ("edge/engine_tensorrt.py", "build/engine_build.py", "build/trt_calibrator.py")
-# Which variables hold which TensorRT objects, per module (``self._engine`` is written "_engine").
-HOLDERS = {
-    "edge/engine_tensorrt.py": {"engine": "ICudaEngine", "_engine": "ICudaEngine", "_context": "IExecutionContext",
-                                "_runtime": "Runtime"},
-    "build/engine_build.py": {"builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser",
-                              "config": "IBuilderConfig"},
+_RETURNS = {"Builder.create_network": "INetworkDefinition", "Builder.create_builder_config": "IBuilderConfig",
+            "IBuilderConfig.get_timing_cache": "ITimingCache", "IBuilderConfig.create_timing_cache": "ITimingCache",
+            "Runtime.deserialize_cuda_engine": "ICudaEngine",
+            "ICudaEngine.create_execution_context": "IExecutionContext"}  # fmt: skip
+# How each module refers to TensorRT: the module itself is ``trt``; these variables hold its objects.
+USES = {
+    REPO / "edge/engine_tensorrt.py": Library({"trt": ""}, {
+        "engine": "ICudaEngine", "_engine": "ICudaEngine", "_context": "IExecutionContext", "_runtime": "Runtime"},
+        _RETURNS),
+    REPO / "build/engine_build.py": Library({"trt": ""}, {
+        "builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser", "config": "IBuilderConfig"},
+        _RETURNS),
+    REPO / "build/trt_calibrator.py": Library({"trt": ""}, {}, _RETURNS),
 }  # fmt: skip
-# Reached through a call's result, which the reading above does not follow.
-CHAINED = ["ITimingCache.serialize"]
 # Used only where the build plan says the version has it (plan.progress_monitor: TensorRT 10).
 ONLY_IN_10 = {"IProgressMonitor", "IBuilderConfig.progress_monitor"}
 
 
-def _chain(node: ast.AST) -> list[str] | None:
-    parts: list[str] = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        return [node.id, *reversed(parts)]
-    return None
-
-
 def names_in_code() -> set[str]:
-    found: set[str] = set(CHAINED)
-    for module in MODULES:
-        tree = ast.parse((REPO / module).read_text())
-        holders = HOLDERS.get(module, {})
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute):  # inner links of a chain are names too: checked as well
-                chain = _chain(node)
-                if chain and chain[0] == "trt":
-                    found.add(".".join(p for p in chain[1:] if not p.startswith("__")))
-                elif chain and chain[0] in holders and len(chain) >= 2:
-                    found.add(f"{holders[chain[0]]}.{chain[1]}")
-                elif chain and chain[0] == "self" and len(chain) >= 3 and chain[1] in holders:
-                    found.add(f"{holders[chain[1]]}.{chain[2]}")
-            if isinstance(node, ast.ClassDef):  # our implementations of TensorRT interfaces
-                for base in node.bases:
-                    chain = _chain(base)
-                    if chain and chain[0] == "trt":
-                        interface = ".".join(chain[1:])
-                        found |= {f"{interface}.{f.name}" for f in node.body
-                                  if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")}  # fmt: skip
-    return {name for name in found if name}
+    return used_names(USES)
 
 
 def names_for(version: str) -> set[str]:
