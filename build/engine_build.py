@@ -5,6 +5,15 @@ TensorRT takes the scales from the Q/DQ nodes and needs no calibrator). An FP32 
 INT8 falls back to TensorRT's implicit entropy calibrator over calibration images -- the path
 TensorRT 10 deprecates and the one to avoid: the gate never saw that model.
 
+Networks are weakly typed: the builder flags choose precision (FP16; INT8 with FP16 for what
+the Q/DQ nodes leave in float). TensorRT 10 also offers strongly typed networks, where the ONNX's
+own tensor types decide; on our FP32 + Q/DQ model that would run every unquantised layer (the
+head's decode, the prototypes) in FP32, slower than today's INT8 + FP16, and moving to it means a
+mixed-precision ONNX (FP16 casts in the graph, NVIDIA's ModelOpt AutoCast) that the accuracy gate
+judges instead. Weak typing is deprecated from 10.12 and gone in 11, which drops the precision
+flags: :func:`~cellseg.edge.engine_tensorrt.supported_tensorrt` refuses 11 until the build makes
+that move (JetPack 6 ships 8.6 and 10.3, where weak typing is the supported default).
+
 The build differs between TensorRT 8.6 (JetPack 6.0) and 10.x (JetPack 6.1/6.2): :func:`plan_build`
 decides everything version-dependent from the version string alone (testable anywhere, and its
 flag names checked against both versions' real bindings in tests/build/test_tensorrt_api.py);

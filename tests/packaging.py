@@ -24,10 +24,12 @@ def build_wheel(out: Path) -> Path:
     return wheels[0]
 
 
-def download_wheelhouse(wheel: Path, out: Path) -> Path:
-    """Every dependency of the device extras, as wheels for this Python (and the wheel itself)."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(out),
-                    f"{wheel}[{DEVICE_EXTRAS}]"], check=True, timeout=900)  # fmt: skip
+def download_wheelhouse(wheel: Path, out: Path, constraints: Path | None = None) -> Path:
+    """Every dependency of the device extras, as wheels for this Python (and the wheel itself),
+    resolved within ``constraints`` when given (a Jetson's: ``systemd/jetson-constraints.txt``)."""
+    options = ["--constraint", str(constraints)] if constraints else []
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *options, "--dest",
+                    str(out), f"{wheel}[{DEVICE_EXTRAS}]"], check=True, timeout=900)  # fmt: skip
     return out
 
 

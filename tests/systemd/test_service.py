@@ -29,7 +29,7 @@ import yaml
 
 from cellseg.build.bundle import generate_keypair
 from tests.mqtt_broker import Broker, Subscriber
-from tests.packaging import cache_folder
+from tests.packaging import cache_folder, download_wheelhouse
 from tests.systemd.container import Container, cached_rootfs, missing_tools
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "cellseg/ci-scope"
 INCOMING = "/var/lib/cellseg/incoming"
+JETSON_WHEELS = "/wheelhouse-jetson"
+L4T_36 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64\n"
 
 
 @dataclass
@@ -92,9 +94,11 @@ def device(
         pytest.skip(reason)
     rootfs = cached_rootfs(cache_folder())
     work = tmp_path_factory.mktemp("device")
+    # What an offline install on a Jetson resolves to: the same extras within the Jetson's pins.
+    jetson = download_wheelhouse(wheel, work / "wheelhouse-jetson", REPO / "systemd" / "jetson-constraints.txt")
     broker = Broker(work)
     broker.start()
-    container = Container(rootfs, work / "root", {REPO: "/src", wheelhouse: "/wheelhouse"})
+    container = Container(rootfs, work / "root", {REPO: "/src", wheelhouse: "/wheelhouse", jetson: JETSON_WHEELS})
     try:
         inside = container.run("python3", "-c", "import sys; print(sys.version_info[:2])").stdout.strip()
         if inside != str(tuple(sys.version_info[:2])):
@@ -237,3 +241,32 @@ def test_a_jetpack_5_jetson_is_refused_before_anything_is_installed(device: Devi
     assert refused.returncode == 1
     assert "L4T R35 (JetPack 5 or older: Python 3.8, TensorRT 8.5), and cellseg needs JetPack 6" in refused.stderr
     assert not device.container.path("/opt/cellseg").exists() and device.sh("id", "cellseg", check=False).returncode
+
+
+def test_on_a_jetpack_6_jetson_the_install_keeps_numpy_below_2_and_defaults_to_tensorrt(device: Device) -> None:
+    """install.sh's Jetson branch, on this x86 container made to look like L4T R36 (only the
+    release file: no GPU, no JetPack libraries). With no --extras it installs the TensorRT backend
+    (``edge,trt``), which needs pycuda, built on a Jetson against its CUDA: offline without a
+    pycuda wheel it stops there, saying so. With ``--extras edge,cpu`` it installs, and JetPack's
+    pins hold: the venv gets numpy 1.x (JetPack's OpenCV and TensorRT are built for numpy 1)
+    where the same install on a PC gets numpy 2, and the model runs in it."""
+    release = device.container.path("/etc/nv_tegra_release")
+    release.write_text(L4T_36)
+    wheel = f"{JETSON_WHEELS}/{device.wheel}"
+    try:
+        default = device.install_sh("--wheel", wheel, "--wheelhouse", JETSON_WHEELS, "--no-start", check=False)
+        assert default.returncode != 0
+        assert f"installing {device.wheel} [edge,trt]" in default.stdout
+        assert "pycuda" in default.stderr
+        cpu = device.install_sh("--wheel", wheel, "--wheelhouse", JETSON_WHEELS, "--extras", "edge,cpu", "--no-start",
+                                check=False)  # fmt: skip
+        assert cpu.returncode == 0, cpu.stdout[-3000:] + cpu.stderr[-3000:]
+        venv = "/opt/cellseg/venv/bin/python"
+        numpy = device.sh(venv, "-c", "import numpy; print(numpy.__version__)").stdout.strip()
+        assert numpy.startswith("1."), numpy
+        frame = f"/src/samples/{sorted(p.name for p in (REPO / 'samples').glob('*.png'))[0]}"
+        predicted = device.sh("/usr/local/bin/cellseg", "predict", frame, "--json")
+        assert json.loads(predicted.stdout)["count"] > 0
+    finally:
+        release.unlink()
+        device.install_sh("--uninstall", "--purge", check=False)
