@@ -30,7 +30,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from cellseg.edge.shipped import default_model  # noqa: E402  (after the BLAS setting above)
+from cellseg.edge.bundles.shipped import default_model  # noqa: E402  (after the BLAS setting above)
 
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
 ARCHITECTURE = "yolov9c-seg.yaml"
@@ -42,7 +42,7 @@ def export_architecture(workdir: Path, shipped: Path) -> Path:
     import onnx
     import yaml
 
-    from cellseg.edge.model_info import CELLSEG_METADATA_KEY
+    from cellseg.edge.pipeline.model_info import CELLSEG_METADATA_KEY
     from cellseg.training.dfl_softmax import REWRITE, rewrite_dfl_softmax
     from cellseg.training.offline import import_ultralytics_offline
 
@@ -79,10 +79,10 @@ def export_architecture(workdir: Path, shipped: Path) -> Path:
 
 def main() -> int:
     from cellseg.build.quantize import choose_calibration_images, quantize
-    from cellseg.edge.benchmark import run_bench
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.postprocess import PostprocessConfig
-    from cellseg.edge.predictor import Predictor
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from cellseg.edge.pipeline.host import HostPipeline
+    from cellseg.edge.pipeline.postprocess import PostprocessConfig
+    from cellseg.edge.tools.benchmark import run_bench
     from cellseg.training.import_labels import import_label_images
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +108,7 @@ def main() -> int:
         quantize(fp32, int8, choose_calibration_images(dataset / "images" / "train", 20), progress=False)
 
         with OnnxRuntimeEngine(shipped, threads=args.threads) as engine:
-            predictor = Predictor(engine, PostprocessConfig(conf=args.conf, iou=0.7, max_det=1000))
+            predictor = HostPipeline(engine, PostprocessConfig(conf=args.conf, iou=0.7, max_det=1000))
             report = run_bench(engine, frames, runs=args.runs, warmup=2, predictor=predictor, engine_alone=False)
         times = {}  # the design model's median inference, through the same pipeline
         for name, path in (("fp32", fp32), ("int8", int8)):

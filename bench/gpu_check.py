@@ -10,7 +10,7 @@ the reference postprocessing at the shipped confidence and at a dense one (0.01,
 cells), and writes all of it into one ``.npz`` (about 20 MB: carry it to the GPU machine).
 
 ``run`` (the GPU machine: numpy, CuPy, this checkout) compiles the kernels with NVRTC for the
-GPU's architecture by the device's own path (:mod:`cellseg.edge.kernel_compile`), loads the cubins
+GPU's architecture by the device's own path (:mod:`cellseg.edge.engines.kernel_compile`), loads the cubins
 through CuPy, runs ``GpuPreprocess`` and ``GpuPostprocess`` on every frame, compares them with the
 references as the CPU-emulation tests do, and times preprocessing and postprocessing per frame
 (median of repeats, the GPU synchronised by the download of the results). It prints a table and
@@ -67,13 +67,13 @@ def _frames(data: Path, count: int) -> list[tuple[str, Path]]:
 
 
 def prepare(out: Path, count: int) -> None:
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.imageio import read_image
-    from cellseg.edge.intensity import lookup_table
-    from cellseg.edge.postprocess import Postprocessor
-    from cellseg.edge.preprocess import Preprocessor
-    from cellseg.edge.shipped import shipped_model
-    from cellseg.edge.types import Frame
+    from cellseg.edge.bundles.shipped import shipped_model
+    from cellseg.edge.capture.imageio import read_image
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from cellseg.edge.pipeline.intensity import lookup_table
+    from cellseg.edge.pipeline.postprocess import Postprocessor
+    from cellseg.edge.pipeline.preprocess import Preprocessor
+    from cellseg.edge.pipeline.types import Frame
 
     data = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
     arrays: dict[str, Any] = {}
@@ -95,7 +95,7 @@ def prepare(out: Path, count: int) -> None:
                 det = Postprocessor(config)(raw, lb)
                 flat = np.concatenate([m.reshape(-1) for m in det.masks]) if len(det) else np.zeros(0, bool)
                 arrays |= {f"{key}{i}_boxes": det.boxes, f"{key}{i}_scores": det.scores,
-                           f"{key}{i}_origins": det.mask_origins, f"{key}{i}_areas": det.areas(),
+                           f"{key}{i}_origins": det.mask_origins, f"{key}{i}_areas": det.areas_px,
                            f"{key}{i}_union": np.array(int(det.union_mask().sum()) if len(det) else 0),
                            f"{key}{i}_mask_shapes": np.array([m.shape for m in det.masks], np.int64).reshape(-1, 2),
                            f"{key}{i}_masks": np.packbits(flat)}  # fmt: skip
@@ -115,8 +115,8 @@ class CupyRunner:
     def __init__(self) -> None:
         import cupy
 
-        from cellseg.edge.kernel_compile import KERNEL_FILES, Nvrtc, find_nvrtc, kernel_cubins, kernel_names
-        from cellseg.edge.kernel_compile import kernel_source as source
+        from cellseg.edge.engines.kernel_compile import KERNEL_FILES, Nvrtc, find_nvrtc, kernel_cubins, kernel_names
+        from cellseg.edge.engines.kernel_compile import kernel_source as source
 
         self.cupy = cupy
         major_minor = cupy.cuda.Device().compute_capability
@@ -167,7 +167,7 @@ def _emulated_runner() -> Any:
 
 
 def greedy_nms(boxes: Any, scores: Any, iou_threshold: float, max_keep: int) -> Any:
-    """``cellseg.edge.postprocess.nms`` as its docstring defines it, in numpy, for a machine
+    """``cellseg.edge.pipeline.postprocess.nms`` as its docstring defines it, in numpy, for a machine
     without OpenCV: highest score first (ties: lower index), a box kept while its IoU with every
     kept box is at most the threshold, in float64 as OpenCV's NMSBoxes computes it."""
     b = boxes.astype(np.float64)
@@ -198,11 +198,12 @@ def _median_ms(work: Any, repeats: int) -> float:
 
 
 def run(inputs: Path, runner_kind: str, repeats: int) -> dict[str, Any]:
-    from cellseg.edge import gpu_pipeline
-    from cellseg.edge.gpu_pipeline import GpuPostprocess, GpuPreprocess
-    from cellseg.edge.intensity import IntensityMapping
-    from cellseg.edge.model_info import PostprocessConfig
-    from cellseg.edge.types import Frame, Letterbox
+    from cellseg.edge.engines import cuda_kernels
+    from cellseg.edge.engines.cuda_kernels import GpuPostprocess, GpuPreprocess
+    from cellseg.edge.pipeline import postprocess
+    from cellseg.edge.pipeline.intensity import IntensityMapping
+    from cellseg.edge.pipeline.model_info import PostprocessConfig
+    from cellseg.edge.pipeline.types import Frame, Letterbox
 
     z = np.load(inputs)
     meta = json.loads(str(z["meta"]))
@@ -213,8 +214,8 @@ def run(inputs: Path, runner_kind: str, repeats: int) -> dict[str, Any]:
         import cv2  # noqa: F401
     except ImportError:  # two host-side helpers use OpenCV: the stretch table and NMS
         tables = {z[f"frame{i}"].tobytes(): z[f"lut{i}"] for i in range(len(meta["frames"]))}
-        gpu_pipeline.lookup_table = lambda image, _mapping=None: tables[image.tobytes()]  # type: ignore[assignment]
-        gpu_pipeline.nms = greedy_nms  # type: ignore[assignment]
+        cuda_kernels.lookup_table = lambda image, _mapping=None: tables[image.tobytes()]  # type: ignore[assignment]
+        postprocess.nms = greedy_nms  # type: ignore[assignment]
     pre = GpuPreprocess(runner, width, height, mapping)
     rows, problems = [], []
     for i, name in enumerate(meta["frames"]):
@@ -243,7 +244,7 @@ def run(inputs: Path, runner_kind: str, repeats: int) -> dict[str, Any]:
             det = once()
             problems += _compare(f"{name} ({key})", det, z, f"{key}{i}")
             post_ms = _median_ms(lambda once=once: once(masks=False), repeats)  # as the daemon runs it
-            rows.append({"frame": name, "thresholds": key, "cells": len(det.areas), "pre_ms": round(pre_ms, 3),
+            rows.append({"frame": name, "thresholds": key, "cells": len(det.areas_px), "pre_ms": round(pre_ms, 3),
                          "post_ms": round(post_ms, 3), "tensor_max_diff_levels": round(diff * 255, 3)})  # fmt: skip
     return {"device": runner.describe(), "runner": runner_kind, "repeats": repeats, "rows": rows,
             "problems": problems, "passed": not problems}  # fmt: skip
@@ -251,8 +252,8 @@ def run(inputs: Path, runner_kind: str, repeats: int) -> dict[str, Any]:
 
 def _compare(where: str, got: Any, z: Any, key: str) -> list[str]:
     boxes, scores, areas = z[f"{key}_boxes"], z[f"{key}_scores"], z[f"{key}_areas"]
-    if len(got.areas) != len(areas):
-        return [f"{where}: {len(got.areas)} cells, the reference has {len(areas)}"]
+    if len(got.areas_px) != len(areas):
+        return [f"{where}: {len(got.areas_px)} cells, the reference has {len(areas)}"]
     problems = []
     if len(areas) and not np.allclose(got.boxes, boxes, atol=1e-4):
         problems.append(f"{where}: boxes differ by up to {np.abs(got.boxes - boxes).max():.2e}")
@@ -267,7 +268,7 @@ def _compare(where: str, got: Any, z: Any, key: str) -> list[str]:
     if mismatched > 1e-4 * total + 2:
         problems.append(f"{where}: {mismatched} of {total} mask pixels differ")
     union = int(z[f"{key}_union"])
-    if len(areas) and (np.abs(got.areas - areas).max() > 2 or abs(got.covered_pixels - union) > 2 + 1e-4 * union):
+    if len(areas) and (np.abs(got.areas_px - areas).max() > 2 or abs(got.covered_pixels - union) > 2 + 1e-4 * union):
         problems.append(f"{where}: areas or covered pixels differ")
     return problems
 

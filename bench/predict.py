@@ -29,7 +29,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from cellseg.edge.shipped import default_model  # noqa: E402  (after the BLAS setting above)
+from cellseg.edge.bundles.shipped import default_model  # noqa: E402  (after the BLAS setting above)
 
 DEFAULT_MODEL = default_model()
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
@@ -40,16 +40,16 @@ def _median(rows: list[dict[str, float]], key: str) -> float:
 
 
 def bench_cellseg(model: Path, frames: list[Path], conf: float, runs: int, threads: int | None) -> dict[str, Any]:
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.imageio import read_image
-    from cellseg.edge.postprocess import PostprocessConfig
-    from cellseg.edge.predictor import Predictor
-    from cellseg.edge.types import Frame
+    from cellseg.edge.capture.imageio import read_image
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from cellseg.edge.pipeline.host import HostPipeline
+    from cellseg.edge.pipeline.postprocess import PostprocessConfig
+    from cellseg.edge.pipeline.types import Frame
 
     rows, counts = [], []
     with OnnxRuntimeEngine(model, threads=threads) as engine:
         engine.warmup(2)
-        predictor = Predictor(engine, PostprocessConfig(conf=conf, iou=0.7, max_det=1000))
+        predictor = HostPipeline(engine, PostprocessConfig(conf=conf, iou=0.7, max_det=1000))
         start = time.perf_counter()
         for _ in range(runs):
             for path in frames:
@@ -68,8 +68,8 @@ def bench_ultralytics(
 ) -> dict[str, Any]:
     import cv2
 
-    from cellseg.edge.imageio import read_image
-    from cellseg.edge.intensity import to_uint8
+    from cellseg.edge.capture.imageio import read_image
+    from cellseg.edge.pipeline.intensity import to_uint8
     from cellseg.training.offline import import_ultralytics_offline
 
     ultralytics = import_ultralytics_offline(settings)

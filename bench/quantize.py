@@ -26,7 +26,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from cellseg.edge.shipped import default_model  # noqa: E402  (after the BLAS setting above)
+from cellseg.edge.bundles.shipped import default_model  # noqa: E402  (after the BLAS setting above)
 
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
 
@@ -64,8 +64,8 @@ def print_op_table(profiles: dict[str, dict[str, float]], top: int = 12) -> None
 def main() -> int:
     from cellseg.build.gate import run_gate
     from cellseg.build.quantize import choose_calibration_images, quantize
-    from cellseg.edge.benchmark import BenchReport, run_bench
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from cellseg.edge.tools.benchmark import BenchReport, run_bench
     from cellseg.training.import_labels import import_label_images
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,9 +97,9 @@ def main() -> int:
             for name, engine in engines.items():
                 reports[name].append(run_bench(engine, frames, runs=1, warmup=1, engine_alone=False))
         if args.ops:
-            from cellseg.edge.imageio import read_image
-            from cellseg.edge.preprocess import Preprocessor
-            from cellseg.edge.types import Frame
+            from cellseg.edge.capture.imageio import read_image
+            from cellseg.edge.pipeline.preprocess import Preprocessor
+            from cellseg.edge.pipeline.types import Frame
 
             info = engines["fp32"].info
             pre = Preprocessor(info.input_width, info.input_height, info.mapping)

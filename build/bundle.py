@@ -1,6 +1,6 @@
 """``cellseg keygen`` and ``cellseg bundle``: signing keys and signed engine bundles.
 
-The bundle's manifest (schema in :mod:`cellseg.edge.bundle`) describes the engine, the model it
+The bundle's manifest (schema in :mod:`cellseg.edge.bundles.reader`) describes the engine, the model it
 came from (input size, classes, thresholds, intensity mapping), the calibration set and the
 accuracy gate's report for INT8 models, and what the engine finds on a reference frame, which
 the device checks before it switches to the engine. An INT8 model without a passing gate
@@ -20,19 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellseg.edge.bundle import (
-    MANIFEST,
-    MANIFEST_SCHEMA,
-    SIGNATURE,
-    BundleError,
-    EngineSpec,
-    FileEntry,
-    Manifest,
-    key_id,
-)
-from cellseg.edge.engine_onnxruntime import file_sha256
-from cellseg.edge.errors import ConfigError, DependencyError
-from cellseg.edge.local_model import reference_for
+from cellseg.edge.bundles.local_model import reference_for
+from cellseg.edge.bundles.reader import MANIFEST, MANIFEST_SCHEMA, SIGNATURE, EngineSpec, FileEntry, Manifest, key_id
+from cellseg.edge.errors import BundleError, ConfigError, DependencyError
+from cellseg.edge.hashing import file_sha256
 
 
 def generate_keypair(prefix: Path, overwrite: bool = False) -> tuple[Path, Path]:

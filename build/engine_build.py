@@ -11,7 +11,7 @@ own tensor types decide; on our FP32 + Q/DQ model that would run every unquantis
 head's decode, the prototypes) in FP32, slower than today's INT8 + FP16, and moving to it means a
 mixed-precision ONNX (FP16 casts in the graph, NVIDIA's ModelOpt AutoCast) that the accuracy gate
 judges instead. Weak typing is deprecated from 10.12 and gone in 11, which drops the precision
-flags: :func:`~cellseg.edge.engine_tensorrt.supported_tensorrt` refuses 11 until the build makes
+flags: :func:`~cellseg.edge.engines.tensorrt_engine.supported_tensorrt` refuses 11 until the build makes
 that move (JetPack 6 ships 8.6 and 10.3, where weak typing is the supported default).
 
 The build differs between TensorRT 8.6 (JetPack 6.0) and 10.x (JetPack 6.1/6.2): :func:`plan_build`
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cellseg.edge.device import DeviceFacts
-from cellseg.edge.engine_onnxruntime import file_sha256
-from cellseg.edge.engine_tensorrt import supported_tensorrt, tensorrt_logger
+from cellseg.edge.engines.tensorrt_engine import supported_tensorrt, tensorrt_logger
 from cellseg.edge.errors import ConfigError, DependencyError, ModelError
+from cellseg.edge.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -229,11 +229,11 @@ def validate_engine(plan: Path, onnx_path: Path, report: BuildReport, frames: li
     the result goes into the plan's report. Needs the GPU the plan was built on."""
     import dataclasses
 
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.engine_tensorrt import TensorRTEngine
-    from cellseg.edge.imageio import read_image
-    from cellseg.edge.predictor import Predictor
-    from cellseg.edge.types import Frame
+    from cellseg.edge.capture.imageio import read_image
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from cellseg.edge.engines.tensorrt_engine import TensorRTEngine
+    from cellseg.edge.pipeline.host import HostPipeline
+    from cellseg.edge.pipeline.types import Frame
 
     rows: list[dict[str, Any]] = []
     with (
@@ -243,8 +243,8 @@ def validate_engine(plan: Path, onnx_path: Path, report: BuildReport, frames: li
         engine.warmup(3)
         for path in frames:
             frame = Frame(read_image(path), source=path.name)
-            want = Predictor(reference)(frame).measurement
-            got = Predictor(engine)(frame).measurement
+            want = HostPipeline(reference)(frame).measurement
+            got = HostPipeline(engine)(frame).measurement
             rows.append({
                 "frame": path.name, "count": got.count, "onnx_count": want.count,
                 "confluence_pct": round(got.confluence_pct, 3), "onnx_confluence_pct": round(want.confluence_pct, 3),

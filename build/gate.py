@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellseg.edge.benchmark import device_name
-from cellseg.edge.engine_onnxruntime import file_sha256
+from cellseg.edge.device import device_name
 from cellseg.edge.errors import ConfigError, DatasetError
+from cellseg.edge.hashing import file_sha256
 from cellseg.training.evaluate import SplitReport, evaluate
 
 
@@ -124,7 +124,7 @@ def gate_machine() -> dict[str, str]:
 
 
 def _precision(model: Path) -> str:
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
 
     with OnnxRuntimeEngine(model, threads=1) as engine:
         return engine.precision

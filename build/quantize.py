@@ -25,7 +25,7 @@ shipped model: keeping all of the head's activations in float is slower and no m
 to refuse such a model.
 
 The calibration set is chosen from the training images, deterministically (evenly spaced in
-name order), and preprocessed by the device's own :class:`~cellseg.edge.preprocess.Preprocessor`
+name order), and preprocessed by the device's own :class:`~cellseg.edge.pipeline.preprocess.Preprocessor`
 so calibration sees exactly the tensors the device will feed. Its hash (names and file hashes)
 goes into the model's metadata and from there into the bundle's manifest.
 """
@@ -46,12 +46,12 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from cellseg.edge.engine_onnxruntime import file_sha256
+from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.errors import ConfigError, DatasetError, DependencyError, ModelError
-from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
-from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo
-from cellseg.edge.preprocess import Preprocessor
-from cellseg.edge.types import Frame
+from cellseg.edge.hashing import file_sha256
+from cellseg.edge.pipeline.model_info import CELLSEG_METADATA_KEY, ModelInfo
+from cellseg.edge.pipeline.preprocess import Preprocessor
+from cellseg.edge.pipeline.types import Frame
 
 logger = logging.getLogger(__name__)
 

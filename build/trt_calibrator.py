@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.edge.imageio import read_image
-from cellseg.edge.model_info import ModelInfo
-from cellseg.edge.preprocess import Preprocessor
-from cellseg.edge.types import Frame
+from cellseg.edge.capture.imageio import read_image
+from cellseg.edge.pipeline.model_info import ModelInfo
+from cellseg.edge.pipeline.preprocess import Preprocessor
+from cellseg.edge.pipeline.types import Frame
 
 
 def EntropyCalibrator(trt: Any, onnx_path: Path, images: list[Path], cache: Path) -> Any:  # noqa: N802 -- a class factory

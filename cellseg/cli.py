@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cellseg import __version__
+from cellseg.edge.bundles.shipped import default_model, sample_frames
 from cellseg.edge.errors import CellsegError
-from cellseg.edge.shipped import default_model, sample_frames
 
 logger = logging.getLogger("cellseg")
 
@@ -267,7 +267,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from cellseg.edge.intensity import IntensityMapping
+    from cellseg.edge.pipeline.intensity import IntensityMapping
 
     mapping = IntensityMapping(low_pct=args.low_pct, high_pct=args.high_pct)
     if args.data_command == "labels":
@@ -352,7 +352,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cellseg.edge.model_info import PostprocessConfig
+    from cellseg.edge.pipeline.model_info import PostprocessConfig
     from cellseg.training.export import export_onnx
 
     weights, run_dir = args.weights, args.run or args.weights.resolve().parent.parent
@@ -381,7 +381,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cellseg.edge.predict import PredictOptions, run_predict
+    from cellseg.edge.tools.predict import PredictOptions, run_predict
 
     inputs = list(args.inputs)
     model = args.model
@@ -408,7 +408,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cellseg.edge.config import load_config
-    from cellseg.edge.daemon import Daemon
+    from cellseg.edge.service.daemon import Daemon
 
     config = load_config(args.config)
     while True:
@@ -439,7 +439,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from cellseg.edge.config import parse_config
-    from cellseg.edge.daemon import Daemon
+    from cellseg.edge.service.daemon import Daemon
 
     host, _, port_text = (args.broker or "localhost:1883").partition(":")
     port = int(port_text or 1883)
@@ -474,8 +474,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_validate_config(args: argparse.Namespace) -> int:
     from cellseg.edge.config import load_config
-    from cellseg.edge.config_check import reference_problems
     from cellseg.edge.errors import ConfigError
+    from cellseg.edge.tools.config_check import reference_problems
 
     config = load_config(args.config)  # a ConfigError lists every problem, one per line
     if not args.schema_only:
@@ -491,7 +491,7 @@ def _cmd_validate_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from cellseg.edge.doctor import dumps, run_doctor
+    from cellseg.edge.tools.doctor import dumps, run_doctor
 
     if args.verbose == 0:  # the report says what went wrong; the library's log lines would repeat it
         logging.getLogger("cellseg").setLevel(logging.CRITICAL)
@@ -568,8 +568,8 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def _cmd_flash(args: argparse.Namespace) -> int:
+    from cellseg.edge.bundles.flash import flash_file, flash_url, settings_for, store_for
     from cellseg.edge.config import load_config
-    from cellseg.edge.flash import flash_file, flash_url, settings_for, store_for
 
     config = load_config(args.config)
     store, settings = store_for(config.state_dir), settings_for(config)
@@ -605,10 +605,10 @@ def _cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_install_model(args: argparse.Namespace) -> int:
+    from cellseg.edge.bundles.flash import store_for
+    from cellseg.edge.bundles.local_model import install_model
+    from cellseg.edge.bundles.shipped import shipped_model
     from cellseg.edge.config import load_config
-    from cellseg.edge.flash import store_for
-    from cellseg.edge.local_model import install_model
-    from cellseg.edge.shipped import shipped_model
 
     config = load_config(args.config)
     model = args.model or shipped_model()
@@ -626,8 +626,8 @@ def _cmd_install_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
+    from cellseg.edge.bundles.flash import store_for
     from cellseg.edge.config import load_config
-    from cellseg.edge.flash import store_for
 
     slot = store_for(load_config(args.config).state_dir).rollback()
     print(f"active engine: slot {slot.name}")
@@ -635,11 +635,11 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from cellseg.edge.benchmark import run_bench
+    from cellseg.edge.bundles.engine_select import configured_candidates, open_engine, open_first, pipeline_for
+    from cellseg.edge.bundles.flash import store_for
     from cellseg.edge.config import load_config
-    from cellseg.edge.engine_select import configured_candidates, open_engine, open_first, predictor_for
-    from cellseg.edge.flash import store_for
-    from cellseg.edge.predict import expand_inputs
+    from cellseg.edge.tools.benchmark import run_bench
+    from cellseg.edge.tools.predict import expand_inputs
 
     images = list(expand_inputs(args.images or [str(p) for p in sample_frames()]))
     if not images:
@@ -659,8 +659,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         opened = open_engine(args.model or default_model(), threads=args.threads)
     try:
         print(f"engine: {opened.describe()}", file=sys.stderr)
-        predictor = predictor_for(opened, config)
-        report = run_bench(opened.engine, images, runs=args.runs, predictor=predictor)
+        report = run_bench(opened.engine, images, runs=args.runs, pipeline=pipeline_for(opened, config))
     finally:
         opened.engine.close()
     print(json.dumps(report.to_dict()) if args.json else report.format())

@@ -194,7 +194,7 @@ class Config(_Section):
     def fallback_model(self) -> Path:
         """``model``, else the model shipped with this installation of cellseg (a path that is
         only opened when no engine slot loads, and named in the error if it is missing)."""
-        from cellseg.edge.shipped import shipped_model_path
+        from cellseg.edge.bundles.shipped import shipped_model_path
 
         return self.model if self.model is not None else shipped_model_path()
 

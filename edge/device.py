@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from cellseg.edge.bundle import BundleError, EngineSpec
+from cellseg.edge.bundles.reader import EngineSpec
+from cellseg.edge.errors import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -194,3 +196,18 @@ def check_compatible(engine: EngineSpec, facts: DeviceFacts) -> None:
         )
     if engine.l4t and facts.l4t and engine.l4t.split(".")[0] != facts.l4t.split(".")[0]:
         raise BundleError(f"engine was built on L4T {engine.l4t}; this device runs L4T {facts.l4t}")
+
+
+def device_name() -> str:
+    """The board (Jetsons name themselves in the device tree) or the CPU model, and its core count."""
+    name = platform.processor() or platform.machine()
+    board = Path("/proc/device-tree/model")
+    cpuinfo = Path("/proc/cpuinfo")
+    if board.is_file():
+        name = board.read_text(errors="replace").strip("\x00\n ")
+    elif cpuinfo.is_file():
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        name = models[0] if models else name
+    return f"{name} ({os.cpu_count()} cores)"

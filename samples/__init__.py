@@ -1,4 +1,4 @@
 """Sample frames shipped with cellseg, as package data (source and licence: ``SOURCE.md``).
 
-:mod:`cellseg.edge.shipped` finds them; ``cellseg demo`` runs on them.
+:mod:`cellseg.edge.bundles.shipped` finds them; ``cellseg demo`` runs on them.
 """

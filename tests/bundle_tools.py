@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.build.bundle import load_private_key, write_bundle
-from cellseg.edge.bundle import MANIFEST, SIGNATURE, Manifest, key_id
+from cellseg.edge.bundles.reader import MANIFEST, SIGNATURE, Manifest, key_id
 
 
 def members(bundle: Path) -> dict[str, bytes]:

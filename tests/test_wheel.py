@@ -61,7 +61,7 @@ def test_a_python_folder_not_declared_as_a_package_is_caught(tmp_path: Path) -> 
     pyproject does not list lands in no package at all."""
     mapping = {k: v for k, v in package_dirs().items() if k != "cellseg.edge.capture"}
     assert _wheel_path("edge/capture/files.py", mapping) == "cellseg/edge/capture/files.py"  # under cellseg.edge...
-    names = {"cellseg/edge/daemon.py"}  # ...which setuptools does not walk into: the file is missing
+    names = {"cellseg/edge/service/daemon.py"}  # ...which setuptools does not walk into: the file is missing
     assert _wheel_path("edge/capture/files.py", mapping) not in names
 
 
@@ -76,7 +76,7 @@ def venv_bin(wheel: Path, wheelhouse: Path, tmp_path_factory: pytest.TempPathFac
 
 
 def test_installed_package_comes_from_the_venv_not_the_checkout(venv_bin: Path, tmp_path: Path) -> None:
-    code = "import cellseg.edge.shipped as s; print(s.shipped_model()); print(s.sample_frames()[0])"
+    code = "import cellseg.edge.bundles.shipped as s; print(s.shipped_model()); print(s.sample_frames()[0])"
     out = subprocess.run([str(venv_bin / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          check=True).stdout.split()  # fmt: skip
     site = venv_bin.parent / "lib"
@@ -99,10 +99,10 @@ def test_demo_runs_from_an_unrelated_directory(venv_bin: Path, tmp_path: Path) -
 def test_predict_from_the_wheel_matches_the_checkout_on_a_real_16_bit_frame(
     venv_bin: Path, tmp_path: Path, data_root: Path
 ) -> None:
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.imageio import read_image
-    from cellseg.edge.predictor import Predictor
-    from cellseg.edge.types import Frame
+    from cellseg.edge.capture.imageio import read_image
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from cellseg.edge.pipeline.host import HostPipeline
+    from cellseg.edge.pipeline.types import Frame
 
     frame = data_root / "t98g_timelapse" / "frames" / "20180101ef002xy01t05.tif"
     proc = subprocess.run([str(venv_bin / "cellseg"), "predict", str(frame), "--json"], cwd=tmp_path,
@@ -110,7 +110,7 @@ def test_predict_from_the_wheel_matches_the_checkout_on_a_real_16_bit_frame(
     assert proc.returncode == 0, proc.stderr[-3000:]
     installed = json.loads(proc.stdout)
     with OnnxRuntimeEngine(SHIPPED_MODEL) as engine:
-        here = Predictor(engine)(Frame(read_image(frame), source=str(frame))).measurement
+        here = HostPipeline(engine)(Frame(read_image(frame), source=str(frame))).measurement
     assert installed["count"] == here.count > 0
     assert installed["confluence_pct"] == pytest.approx(here.confluence_pct, abs=1e-3)
 

@@ -1,6 +1,6 @@
 """``cellseg eval``: accuracy of an exported model on a dataset's val and test splits.
 
-Predictions come from the device's own pipeline (:class:`cellseg.edge.predictor.Predictor`
+Predictions come from the device's own pipeline (:class:`cellseg.edge.pipeline.host.HostPipeline`
 on the ONNX model), so the numbers describe what the device will do, not the training
 framework. Reported per split:
 
@@ -25,11 +25,11 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
 from cellseg.edge.errors import ConfigError, DatasetError
-from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
-from cellseg.edge.predictor import Predictor
-from cellseg.edge.types import Detections, Frame, union_of_masks
+from cellseg.edge.pipeline.host import HostPipeline
+from cellseg.edge.pipeline.types import Detections, Frame, union_of_masks
 from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
 from cellseg.training.yolo_dataset import SPLITS, load_data_yaml, read_label_file
 
@@ -151,7 +151,7 @@ def ground_truth(label_file: Path, width: int, height: int) -> Instances:
 def predictions(det: Detections) -> Instances:
     return Instances(
         boxes=det.boxes.astype(np.float64),
-        masks=list(det.masks),
+        masks=list(det.cropped_masks()),
         origins=det.mask_origins.astype(np.int64),
         scores=det.scores.astype(np.float64),
         class_ids=det.class_ids.astype(np.int64),
@@ -211,7 +211,7 @@ def evaluate(
     with OnnxRuntimeEngine(model, threads=threads) as engine:
         t = engine.info.thresholds
         op_conf = t.conf if operating_conf is None else operating_conf
-        predictor = Predictor(engine, t.overridden(conf=EVAL_CONF, iou=iou, max_det=max_det))
+        predictor = HostPipeline(engine, t.overridden(conf=EVAL_CONF, iou=iou, max_det=max_det))
         n_classes = engine.info.num_classes
         for split in splits:
             if split not in SPLITS:

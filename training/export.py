@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
+from cellseg.edge.capture.imageio import read_image
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
 from cellseg.edge.errors import DependencyError, ModelError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import IntensityMapping
-from cellseg.edge.model_info import CELLSEG_METADATA_KEY, ModelInfo, PostprocessConfig
-from cellseg.edge.preprocess import Preprocessor
-from cellseg.edge.types import Frame
+from cellseg.edge.hashing import file_sha256
+from cellseg.edge.pipeline.intensity import IntensityMapping
+from cellseg.edge.pipeline.model_info import CELLSEG_METADATA_KEY, ModelInfo, PostprocessConfig
+from cellseg.edge.pipeline.preprocess import Preprocessor
+from cellseg.edge.pipeline.types import Frame
 from cellseg.training.dfl_softmax import REWRITE, rewrite_dfl_softmax
 from cellseg.training.offline import import_ultralytics_offline
 

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.errors import DatasetError, ImageReadError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import IntensityMapping, to_uint8
+from cellseg.edge.pipeline.intensity import IntensityMapping, to_uint8
 from cellseg.training.import_labels import polygon_from_mask
 from cellseg.training.yolo_dataset import ImportSummary, Instance, YoloSegWriter, polygon_area
 

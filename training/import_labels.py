@@ -5,7 +5,7 @@ Two source layouts are recognised, per split folder (``train/``, ``val/``, ``tes
     <split>/<sample>/<image>  and  <split>/<sample>/<label>       (one folder per sample, Usiigaci)
     <split>/images/<stem>.*   and  <split>/labels/<stem>.*        (paired folders)
 
-Frames of any bit depth are mapped to 8 bits by :func:`cellseg.edge.intensity.to_uint8`, the same
+Frames of any bit depth are mapped to 8 bits by :func:`cellseg.edge.pipeline.intensity.to_uint8`, the same
 function the device applies, so training and inference see the same intensities.
 """
 
@@ -19,9 +19,9 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.errors import DatasetError, ImageReadError
-from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
-from cellseg.edge.intensity import IntensityMapping, to_uint8
+from cellseg.edge.pipeline.intensity import IntensityMapping, to_uint8
 from cellseg.training.yolo_dataset import SPLITS, ImportSummary, Instance, YoloSegWriter
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from cellseg.edge.types import Frame
+from cellseg.edge.pipeline.types import Frame
 
 
 @dataclass(frozen=True)

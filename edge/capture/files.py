@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cellseg.edge.capture import SourceFrame, no_beat
+from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.errors import ImageReadError
-from cellseg.edge.imageio import IMAGE_SUFFIXES, read_image
-from cellseg.edge.types import Frame
+from cellseg.edge.pipeline.types import Frame
 
 logger = logging.getLogger(__name__)
 

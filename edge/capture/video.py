@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.edge.capture import SourceFrame, no_beat
+from cellseg.edge.capture.imageio import normalise_layout
 from cellseg.edge.errors import ConfigError, DependencyError
-from cellseg.edge.imageio import normalise_layout
-from cellseg.edge.types import Frame
+from cellseg.edge.pipeline.types import Frame
 
 logger = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ import pytest
 from cellseg.build.bundle import EngineBuildInfo, make_bundle
 from cellseg.build.engine_build import BuildReport, onnx_has_qdq, plan_build
 from cellseg.cli import main
-from cellseg.edge.bundle import BundleError, load_trusted_keys
+from cellseg.edge.bundles.flash import FlashSettings, flash_file
+from cellseg.edge.bundles.reader import load_trusted_keys
+from cellseg.edge.bundles.slots import SlotStore
 from cellseg.edge.device import DeviceFacts
-from cellseg.edge.engine_tensorrt import TensorSpec, plan_io, supported_tensorrt
-from cellseg.edge.errors import ConfigError, DependencyError, ModelError
-from cellseg.edge.flash import FlashSettings, flash_file
-from cellseg.edge.gpu_predictor import check_gpu_outputs
-from cellseg.edge.model_info import ModelInfo
-from cellseg.edge.slots import SlotStore
+from cellseg.edge.engines.cuda_pipeline import check_gpu_outputs
+from cellseg.edge.engines.tensorrt_engine import TensorSpec, plan_io, supported_tensorrt
+from cellseg.edge.errors import BundleError, ConfigError, DependencyError, ModelError
+from cellseg.edge.pipeline.model_info import ModelInfo
 from tests.conftest import SAMPLES
 
 
@@ -107,7 +107,7 @@ def test_build_engine_without_tensorrt_says_so(
 def test_a_tensorrt_bundle_carries_the_build_facts_and_a_cpu_device_refuses_it(
     shipped_model: Path, signing_keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from cellseg.edge.engine_onnxruntime import file_sha256
+    from cellseg.edge.hashing import file_sha256
 
     plan = tmp_path / "model.engine"
     plan.write_bytes(b"stand-in for a serialised plan: this test reads the manifest, it never loads it")
@@ -143,13 +143,13 @@ def test_the_engine_is_chosen_by_the_bundle_and_the_backend_setting(
 ) -> None:
     """The same config runs an ONNX bundle with ONNX Runtime, and a TensorRT bundle with the
     TensorRT backend (which, on a machine without it, says exactly what is missing)."""
-    from cellseg.edge.bundle import parse_manifest
-    from cellseg.edge.engine_select import open_engine
+    from cellseg.edge.bundles.engine_select import open_engine
+    from cellseg.edge.bundles.reader import parse_manifest
 
     settings = FlashSettings(load_trusted_keys([signing_keys[1]]), 1 << 30, DeviceFacts(onnxruntime="1.32"))
     slot = flash_file(bundles["fp32"], SlotStore(tmp_path / "engines"), settings).slot
     opened = open_engine(slot, "auto", threads=1)
-    assert opened.backend == "onnxruntime" and "onnxruntime (fp32) from slot" in opened.describe()
+    assert opened.backend.name == "onnxruntime" and "onnxruntime (fp32) from slot" in opened.describe()
     opened.engine.close()
     with pytest.raises(ConfigError, match="is an ONNX model"):
         open_engine(slot, "tensorrt")

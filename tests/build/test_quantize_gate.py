@@ -14,9 +14,8 @@ from cellseg.build.bundle import make_bundle
 from cellseg.build.gate import read_report
 from cellseg.build.quantize import choose_calibration_images, head_float_nodes
 from cellseg.cli import main
-from cellseg.edge.bundle import BundleError
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-from cellseg.edge.errors import ConfigError, DatasetError
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+from cellseg.edge.errors import BundleError, ConfigError, DatasetError
 from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.slow

@@ -33,7 +33,7 @@ _RETURNS = {"Builder.create_network": "INetworkDefinition", "Builder.create_buil
             "ICudaEngine.create_execution_context": "IExecutionContext"}  # fmt: skip
 # How each module refers to TensorRT: the module itself is ``trt``; these variables hold its objects.
 USES = {
-    REPO / "edge/engine_tensorrt.py": Library({"trt": ""}, {
+    REPO / "edge/engines/tensorrt_engine.py": Library({"trt": ""}, {
         "engine": "ICudaEngine", "_engine": "ICudaEngine", "_context": "IExecutionContext", "_runtime": "Runtime"},
         _RETURNS),
     REPO / "build/engine_build.py": Library({"trt": ""}, {
@@ -101,7 +101,7 @@ LOGGER_PROBE = """
 import logging, sys
 import tensorrt_bindings as trt
 sys.modules["tensorrt"] = trt
-from cellseg.edge.engine_tensorrt import tensorrt_logger
+from cellseg.edge.engines.tensorrt_engine import tensorrt_logger
 seen = []
 handler = logging.Handler()
 handler.emit = lambda record: seen.append((record.levelname, record.getMessage()))

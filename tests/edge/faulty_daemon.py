@@ -39,8 +39,8 @@ def install(fault: str, after_s: float) -> None:
     import paho.mqtt.client as mqtt
 
     from cellseg.edge.capture.files import FolderSource
-    from cellseg.edge.predictor import Predictor
-    from cellseg.edge.spool import Spool
+    from cellseg.edge.pipeline.host import HostPipeline
+    from cellseg.edge.service.spool import Spool
 
     if fault == "none":
         return
@@ -52,7 +52,7 @@ def install(fault: str, after_s: float) -> None:
     part, how = fault.rsplit("-", 1)
     target: tuple[Any, str] = {
         "capture": (FolderSource, "_candidates"),  # the capture thread's poll of the folder
-        "inference": (Predictor, "__call__"),  # the inference loop (which also feeds the watchdog)
+        "inference": (HostPipeline, "__call__"),  # the inference loop (which also feeds the watchdog)
         "network": (mqtt.Client, "loop"),  # the MQTT network thread
         "sender": (Spool, "oldest"),  # the spool sender thread
     }[part]

@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
+from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.capture.video import LiveSource
 from cellseg.edge.config import parse_config
-from cellseg.edge.daemon import Daemon
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import to_uint8
+from cellseg.edge.pipeline.intensity import to_uint8
+from cellseg.edge.service.daemon import Daemon
 from tests.conftest import SHIPPED_MODEL
 
 SYSTEM_SITE = Path("/usr/lib/python3/dist-packages")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from cellseg.edge.capture.files import FolderSource, file_key
+from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.capture.video import LiveSource, VideoFileSource, live_source
 from cellseg.edge.errors import ConfigError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import to_uint8
+from cellseg.edge.pipeline.intensity import to_uint8
 
 
 @pytest.fixture(scope="module")

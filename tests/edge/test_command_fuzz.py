@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cellseg.edge.commands import MAX_PAYLOAD
+from cellseg.edge.service.commands import MAX_PAYLOAD
 from tests.mqtt_broker import Broker, Subscriber
 from tests.notify_socket import NotifySocket
 

@@ -13,13 +13,13 @@ import cv2
 import numpy as np
 import pytest
 
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-from cellseg.edge.gpu_pipeline import GpuPostprocess, GpuPreprocess
-from cellseg.edge.imageio import read_image
-from cellseg.edge.kernel_compile import KERNEL_DIR, KERNEL_FILES, kernel_source
-from cellseg.edge.postprocess import Postprocessor
-from cellseg.edge.preprocess import Preprocessor
-from cellseg.edge.types import Detections, Frame
+from cellseg.edge.capture.imageio import read_image
+from cellseg.edge.engines.cuda_kernels import GpuPostprocess, GpuPreprocess
+from cellseg.edge.engines.kernel_compile import KERNEL_DIR, KERNEL_FILES, kernel_source
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+from cellseg.edge.pipeline.postprocess import Postprocessor
+from cellseg.edge.pipeline.preprocess import Preprocessor
+from cellseg.edge.pipeline.types import Detections, Frame
 from tests.conftest import SAMPLES
 from tests.edge.cuda_emu import EmulatedRunner, build_library
 
@@ -82,7 +82,7 @@ def _compare(want: Detections, got_runner: EmulatedRunner, raw, lb, config) -> i
     gpu = GpuPostprocess(got_runner, config)
     got = gpu(got_runner.upload(raw.predictions), got_runner.upload(raw.prototypes), raw.predictions.shape,
               raw.prototypes.shape, lb, want_masks=True)  # fmt: skip
-    assert len(got.areas) == len(want)
+    assert len(got.areas_px) == len(want)
     np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
     np.testing.assert_array_equal(got.scores, want.scores)
     assert np.array_equal(got.mask_origins, want.mask_origins)
@@ -91,7 +91,7 @@ def _compare(want: Detections, got_runner: EmulatedRunner, raw, lb, config) -> i
     mismatched = sum(int((a != b).sum()) for a, b in zip(want.masks, got.masks, strict=True))
     # Float sums in another order may flip a pixel whose logit sits on the threshold.
     assert mismatched <= 1e-4 * total + 2, (mismatched, total)
-    assert len(want) == 0 or np.abs(got.areas - want.areas()).max() <= 2
+    assert len(want) == 0 or np.abs(got.areas_px - want.areas_px).max() <= 2
     union = int(want.union_mask().sum()) if len(want) else 0
     assert abs(got.covered_pixels - union) <= 2 + 1e-4 * union
     return len(want)

@@ -111,7 +111,7 @@ def test_folder_of_12_frames_measured_published_and_stopped_cleanly(
         # An admin reading the journal must be able to trust that a WARNING means something:
         # this healthy run logs nothing at WARNING or above (its level is INFO: the rest is there).
         log = proc.stderr.read() if proc.stderr else ""
-        assert "INFO cellseg.edge.daemon: engine: onnxruntime" in log
+        assert "INFO cellseg.edge.service.engine_keeper: engine: onnxruntime" in log
         assert not re.search(r"^(WARNING|ERROR|CRITICAL) ", log, re.MULTILINE), log
         sub.close()
     finally:

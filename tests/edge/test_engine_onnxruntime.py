@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from cellseg.edge.device import physical_cores
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
 from cellseg.edge.errors import ModelError, ModelMetadataError
 
 META = {"imgsz": "[64, 64]", "names": "{0: 'cell'}", "stride": "32"}

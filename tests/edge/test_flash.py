@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from cellseg.build.bundle import generate_keypair
-from cellseg.edge.bundle import BundleError, check_files, load_trusted_keys
+from cellseg.edge.bundles.engine_select import open_engine, read_slot_manifest
+from cellseg.edge.bundles.flash import REMOTE_SCHEMES, FlashSettings, fetch, flash_file, flash_url, settings_for
+from cellseg.edge.bundles.reader import check_files, load_trusted_keys
+from cellseg.edge.bundles.slots import SlotStore
 from cellseg.edge.device import DeviceFacts, check_compatible, l4t_release
-from cellseg.edge.engine_select import open_engine, read_slot_manifest
-from cellseg.edge.flash import REMOTE_SCHEMES, FlashSettings, fetch, flash_file, flash_url, settings_for
-from cellseg.edge.slots import SlotError, SlotStore
+from cellseg.edge.errors import BundleError, SlotError
 from tests.bundle_tools import bad_bundles
 
 CPU = DeviceFacts(onnxruntime="1.32.0")
@@ -71,7 +72,7 @@ def test_every_bad_bundle_is_refused_with_its_reason_and_the_active_slot_stays(
 
 
 def test_an_engine_for_another_gpu_or_tensorrt_version_is_refused() -> None:
-    from cellseg.edge.bundle import EngineSpec
+    from cellseg.edge.bundles.reader import EngineSpec
 
     spec = EngineSpec(kind="tensorrt", file="model.engine", precision="fp16", tensorrt_version="10.3.0",
                       compute_capability="8.7", l4t="36.4.0")  # fmt: skip

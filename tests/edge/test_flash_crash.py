@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cellseg.edge.bundle import check_files, load_trusted_keys
+from cellseg.edge.bundles.engine_select import open_engine, read_slot_manifest
+from cellseg.edge.bundles.flash import FlashSettings, flash_file
+from cellseg.edge.bundles.reader import check_files, load_trusted_keys
+from cellseg.edge.bundles.slots import PARTIAL_PREFIX, SlotStore
 from cellseg.edge.device import DeviceFacts
-from cellseg.edge.engine_select import open_engine, read_slot_manifest
-from cellseg.edge.flash import FlashSettings, flash_file
-from cellseg.edge.slots import PARTIAL_PREFIX, SlotStore
 from tests.conftest import SHIPPED_MODEL
 
 pytestmark = pytest.mark.slow

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.device import DeviceFacts
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-from cellseg.edge.gpu_pipeline import GpuPostprocess, GpuPreprocess
-from cellseg.edge.imageio import read_image
-from cellseg.edge.postprocess import Postprocessor
-from cellseg.edge.preprocess import Preprocessor
-from cellseg.edge.types import Frame
+from cellseg.edge.engines.cuda_kernels import GpuPostprocess, GpuPreprocess
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+from cellseg.edge.pipeline.postprocess import Postprocessor
+from cellseg.edge.pipeline.preprocess import Preprocessor
+from cellseg.edge.pipeline.types import Frame
 
 HAS_GPU = importlib.util.find_spec("pycuda") is not None and DeviceFacts.detect().compute_capability is not None
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU with pycuda")]
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs an 
 def runner():  # type: ignore[no-untyped-def]
     import pycuda.autoinit  # noqa: F401 -- a context for this test module
 
-    from cellseg.edge.gpu_pipeline import PycudaRunner
+    from cellseg.edge.engines.cuda_kernels import PycudaRunner
 
     return PycudaRunner()
 
@@ -49,7 +49,7 @@ def test_kernels_on_the_gpu_match_the_reference(data_root: Path, shipped_model: 
                 runner.upload(raw.predictions), runner.upload(raw.prototypes), raw.predictions.shape,
                 raw.prototypes.shape, lb, want_masks=True,
             )  # fmt: skip
-            assert len(gpu.areas) == len(ref)
+            assert len(gpu.areas_px) == len(ref)
             np.testing.assert_allclose(gpu.boxes, ref.boxes, atol=1e-3)
             assert abs(gpu.covered_pixels - int(ref.union_mask().sum())) <= 2 + 1e-4 * ref.union_mask().sum()
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from cellseg.edge.capture.imageio import image_size, read_image
 from cellseg.edge.errors import ImageReadError
-from cellseg.edge.imageio import image_size, read_image
 from tests.daemon_setup import folder_device
 from tests.mqtt_broker import Broker, Subscriber
 

@@ -5,9 +5,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.errors import ConfigError, FrameError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import IntensityMapping, lookup_table, sample_stride, stretch, stretch_limits, to_uint8
+from cellseg.edge.pipeline.intensity import (
+    IntensityMapping,
+    lookup_table,
+    sample_stride,
+    stretch,
+    stretch_limits,
+    to_uint8,
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cellseg.edge.kernel_compile import (
+from cellseg.edge.engines.kernel_compile import (
     ARCHITECTURES,
     KERNEL_FILES,
     NVRTC_ENV,
-    KernelBuildError,
     Nvrtc,
     cubin_arch,
     find_nvrtc,
@@ -21,6 +20,7 @@ from cellseg.edge.kernel_compile import (
     kernel_names,
     kernel_source,
 )
+from cellseg.edge.errors import KernelBuildError
 from tests.packaging import cache_folder, unpacked_wheel
 
 NVRTC_WHEEL = "nvidia-cuda-nvrtc-cu12==12.6.85"
@@ -85,9 +85,9 @@ def test_the_doctor_says_whether_the_kernels_compile_for_this_gpu(
     nvrtc_library: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The GPU's facts are made up (there is no GPU here); NVRTC and the kernels are real."""
-    from cellseg.edge import doctor
     from cellseg.edge.config import parse_config
     from cellseg.edge.device import DeviceFacts
+    from cellseg.edge.tools import doctor
 
     config = parse_config({"device_id": "orin-1", "source": {"kind": "images", "images": ["x.png"]}})
     orin = DeviceFacts(tensorrt="10.3.0", compute_capability="8.7", l4t="36.4.0")
@@ -95,6 +95,6 @@ def test_the_doctor_says_whether_the_kernels_compile_for_this_gpu(
     monkeypatch.setenv(NVRTC_ENV, str(nvrtc_library))
     (check,) = doctor.check_kernels(config, Path("cellseg.yaml"))
     assert (check.status, check.detail) == ("ok", "NVRTC 12.6 compiles the CUDA kernels for sm_87")
-    monkeypatch.setattr("cellseg.edge.kernel_compile.find_nvrtc", lambda: None)
+    monkeypatch.setattr("cellseg.edge.engines.kernel_compile.find_nvrtc", lambda: None)
     (check,) = doctor.check_kernels(config, Path("cellseg.yaml"))
     assert check.status == "warn" and "nvidia-cuda-nvrtc-cu12" in check.fix

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cellseg.edge.liveness import Liveness
+from cellseg.edge.service.liveness import Liveness
 from tests.daemon_setup import folder_device
 from tests.mqtt_broker import Broker
 from tests.notify_socket import NotifySocket

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import to_uint8
-from cellseg.edge.postprocess import PostprocessConfig
-from cellseg.edge.predictor import Predictor
-from cellseg.edge.types import Frame
+from cellseg.edge.capture.imageio import read_image
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+from cellseg.edge.pipeline.host import HostPipeline
+from cellseg.edge.pipeline.intensity import to_uint8
+from cellseg.edge.pipeline.postprocess import PostprocessConfig
+from cellseg.edge.pipeline.types import Frame
 from cellseg.training.evaluate import predictions
 from cellseg.training.metrics import Instances, box_iou
 
@@ -73,7 +73,7 @@ def test_detections_match_ultralytics(
     import cv2
 
     with OnnxRuntimeEngine(shipped_model) as engine:
-        predictor = Predictor(engine, PostprocessConfig(conf=conf, iou=0.7, max_det=1000))
+        predictor = HostPipeline(engine, PostprocessConfig(conf=conf, iou=0.7, max_det=1000))
         for name in frames:
             image8 = to_uint8(read_image(usiigaci / "val" / name / "raw.tif"))
             ours = predictions(predictor(Frame(image8)).detections)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.edge.engine import RawOutputs
-from cellseg.edge.measure import measure
-from cellseg.edge.postprocess import (
+from cellseg.edge.engines.base import RawOutputs
+from cellseg.edge.pipeline.measure import measure
+from cellseg.edge.pipeline.postprocess import (
     MaskResampler,
     PostprocessConfig,
     nms,
@@ -17,8 +17,8 @@ from cellseg.edge.postprocess import (
     postprocess,
     to_frame_boxes,
 )
-from cellseg.edge.preprocess import letterbox_geometry
-from cellseg.edge.types import Frame, Letterbox
+from cellseg.edge.pipeline.preprocess import letterbox_geometry
+from cellseg.edge.pipeline.types import Frame, Letterbox
 
 
 def _raw(dets: list[tuple[float, float, float, float, list[float], float]], nc: int = 1, size: int = 64) -> RawOutputs:
@@ -150,9 +150,9 @@ def test_nms_is_the_greedy_definition_on_a_dense_grid_with_ties(max_keep: int) -
 
 @pytest.fixture(scope="module")
 def real_outputs(usiigaci: Path, shipped_model: Path) -> list[tuple[RawOutputs, Letterbox]]:
-    from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine
-    from cellseg.edge.imageio import read_image
-    from cellseg.edge.preprocess import Preprocessor
+    from cellseg.edge.capture.imageio import read_image
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from cellseg.edge.pipeline.preprocess import Preprocessor
 
     frame = read_image(usiigaci / "val" / "set48" / "raw.tif")
     out = []

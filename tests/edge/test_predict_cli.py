@@ -195,7 +195,7 @@ def test_label_tiffs_read_back_with_their_pixel_size(
     with the pixel size as ImageJ's resolution in µm, as Fiji shows it."""
     import tifffile
 
-    from cellseg.edge.imageio import read_image
+    from cellseg.edge.capture.imageio import read_image
 
     frame = SAMPLE_FRAMES[0]
     code, _ = _run(capsys, str(shipped_model), str(frame), "--labels", str(tmp_path), "--labels-format", "tif",

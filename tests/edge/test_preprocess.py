@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cellseg.edge.errors import FrameError
-from cellseg.edge.preprocess import PAD_VALUE, Preprocessor, letterbox_geometry
-from cellseg.edge.types import Frame
+from cellseg.edge.pipeline.preprocess import PAD_VALUE, Preprocessor, letterbox_geometry
+from cellseg.edge.pipeline.types import Frame
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_grey_frame_fills_all_three_channels() -> None:
 
 
 def test_16bit_frames_are_mapped_like_training() -> None:
-    from cellseg.edge.intensity import to_uint8
+    from cellseg.edge.pipeline.intensity import to_uint8
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(1000, 5000, size=(64, 64), dtype=np.uint16)

@@ -13,8 +13,9 @@ import pytest
 
 from cellseg import __version__
 from cellseg.edge.config import MqttConfig, Secret, TlsConfig
-from cellseg.edge.publisher import MqttPublisher
-from cellseg.edge.spool import Spool
+from cellseg.edge.service.contract import CONFLUENCE, COUNT
+from cellseg.edge.service.publisher import MqttPublisher
+from cellseg.edge.service.spool import Spool
 from tests.mqtt_broker import Broker, Subscriber
 
 PREFIX = "cellseg/test-scope"
@@ -53,7 +54,7 @@ def test_measurements_availability_and_retained_values(broker: Broker, tmp_path:
     assert pub.connected.wait(10)
     for seq in range(12):
         _measure(spool, pub, seq)
-    pub.publish_retained("count", "42")
+    pub.publish_retained(COUNT, "42")
     assert sub.wait_for(lambda: len(_seqs(sub)) == 12)
     assert _seqs(sub) == list(range(12))
     assert sub.wait_for(lambda: spool.depth() == 0)
@@ -192,7 +193,7 @@ def test_after_an_outage_a_new_subscriber_sees_the_newest_retained_values(broker
     pub.start()
     assert pub.connected.wait(10)
     watcher = Subscriber(broker.host, broker.port, f"{PREFIX}/count")
-    pub.publish_retained("count", "10")
+    pub.publish_retained(COUNT, "10")
     assert watcher.wait_for(lambda: watcher.payloads(f"{PREFIX}/count") == [b"10"])
     watcher.close()
     broker.stop()  # the broker saves "10" as the retained count and goes away
@@ -200,8 +201,8 @@ def test_after_an_outage_a_new_subscriber_sees_the_newest_retained_values(broker
     while pub.connected.is_set() and time.time() < deadline:
         time.sleep(0.05)
     assert not pub.connected.is_set()
-    pub.publish_retained("count", "12")  # measured while the broker was away
-    pub.publish_retained("confluence", "7.5000")
+    pub.publish_retained(COUNT, "12")  # measured while the broker was away
+    pub.publish_retained(CONFLUENCE, "7.5000")
     broker.start()
     assert pub.connected.wait(30)
     fresh = Subscriber(broker.host, broker.port, f"{PREFIX}/#")  # e.g. a dashboard starting now

@@ -29,10 +29,10 @@ _RETURNS = {
 _ENGINE = {"_ctx": "driver.Context", "_stream": "driver.Stream", "_dev": "driver.DeviceAllocation[]",
            "allocation": "driver.DeviceAllocation"}  # fmt: skip
 USES = {
-    REPO / "edge/engine_tensorrt.py": Library(_DRIVER, _ENGINE, _RETURNS),
-    REPO / "edge/gpu_pipeline.py": Library(_DRIVER, {"_functions": "driver.Function[]", "module": "driver.Module"},
-                                           _RETURNS),
-    REPO / "edge/gpu_predictor.py": Library(_DRIVER, {}, _RETURNS),
+    REPO / "edge/engines/tensorrt_engine.py": Library(_DRIVER, _ENGINE, _RETURNS),
+    REPO / "edge/engines/cuda_kernels.py": Library(_DRIVER, {"_functions": "driver.Function[]",
+                                                             "module": "driver.Module"}, _RETURNS),
+    REPO / "edge/engines/cuda_pipeline.py": Library(_DRIVER, {}, _RETURNS),
     REPO / "edge/device.py": Library(_DRIVER, {}, _RETURNS),
     REPO / "build/trt_calibrator.py": Library(_DRIVER, {"context": "driver.Context",
                                                         "_device": "driver.DeviceAllocation"}, _RETURNS),

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cellseg.edge.sdnotify import Notifier
+from cellseg.edge.service.sdnotify import Notifier
 from tests.notify_socket import NotifySocket
 
 
 def test_a_missing_socket_warns_once_and_recovery_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "notify.sock"
     notifier = Notifier(str(path))
-    with caplog.at_level(logging.WARNING, logger="cellseg.edge.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="cellseg.edge.service.sdnotify"):
         for _ in range(20):
             notifier.send("WATCHDOG=1")
         peer = NotifySocket(path)  # systemd's end appears

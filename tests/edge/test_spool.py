@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cellseg.edge.spool import Spool, SpoolFullError
+from cellseg.edge.errors import SpoolFullError
+from cellseg.edge.service.spool import Spool
 
 
 def test_messages_come_out_in_order_until_acknowledged(tmp_path: Path) -> None:
@@ -75,7 +76,7 @@ def test_a_killed_writer_loses_nothing_it_was_told_was_stored(tmp_path: Path) ->
     writer = textwrap.dedent(
         f"""
         from pathlib import Path
-        from cellseg.edge.spool import Spool
+        from cellseg.edge.service.spool import Spool
         spool = Spool(Path({str(path)!r}))
         with open({str(log)!r}, "a") as log:
             for i in range(100000):

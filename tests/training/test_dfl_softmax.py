@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cellseg.edge.imageio import read_image
-from cellseg.edge.model_info import ModelInfo
-from cellseg.edge.preprocess import Preprocessor
-from cellseg.edge.types import Frame
+from cellseg.edge.capture.imageio import read_image
+from cellseg.edge.pipeline.model_info import ModelInfo
+from cellseg.edge.pipeline.preprocess import Preprocessor
+from cellseg.edge.pipeline.types import Frame
 from cellseg.training.dfl_softmax import rewrite_dfl_softmax
 
 ANCHORS = 8400

@@ -9,12 +9,13 @@ import onnx
 import pytest
 import torch
 
-from cellseg.edge.engine_onnxruntime import OnnxRuntimeEngine, file_sha256
+from cellseg.edge.capture.imageio import read_image
+from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
 from cellseg.edge.errors import ModelError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.postprocess import PostprocessConfig
-from cellseg.edge.predictor import Predictor
-from cellseg.edge.types import Frame
+from cellseg.edge.hashing import file_sha256
+from cellseg.edge.pipeline.host import HostPipeline
+from cellseg.edge.pipeline.postprocess import PostprocessConfig
+from cellseg.edge.pipeline.types import Frame
 from cellseg.training.dfl_softmax import REWRITE, rewrite_dfl_softmax
 from cellseg.training.export import export_onnx, weights_epoch
 from tests.conftest import SAMPLES, SHIPPED_WEIGHTS
@@ -62,7 +63,7 @@ def test_export_matches_pytorch_and_carries_metadata(
     frame = Frame(read_image(usiigaci / "val/set48/raw.tif"))
     config = PostprocessConfig(conf=0.3)
     with OnnxRuntimeEngine(out) as fresh, OnnxRuntimeEngine(shipped_model) as shipped:
-        a, b = Predictor(fresh, config)(frame).measurement, Predictor(shipped, config)(frame).measurement
+        a, b = HostPipeline(fresh, config)(frame).measurement, HostPipeline(shipped, config)(frame).measurement
     assert a.count == b.count and a.confluence_pct == pytest.approx(b.confluence_pct, abs=0.05)
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.errors import DatasetError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import to_uint8
+from cellseg.edge.pipeline.intensity import to_uint8
 from cellseg.training.evaluate import ground_truth
 from cellseg.training.import_coco import decode_rle, import_coco
 from cellseg.training.metrics import Instances, mask_iou

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
+from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.errors import DatasetError
-from cellseg.edge.imageio import read_image
-from cellseg.edge.intensity import to_uint8
+from cellseg.edge.pipeline.intensity import to_uint8
 from cellseg.training.evaluate import ground_truth, union_pct
 from cellseg.training.import_labels import import_label_images, instances_from_label_image
 from cellseg.training.yolo_dataset import load_data_yaml

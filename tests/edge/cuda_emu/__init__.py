@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cellseg.edge.kernel_compile import KERNEL_DIR, KERNEL_FILES
+from cellseg.edge.engines.kernel_compile import KERNEL_DIR, KERNEL_FILES
 
 HERE = Path(__file__).resolve().parent
 _SIGNATURE = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)

@@ -1,0 +1,2 @@
+"""Commands a user runs beside the daemon: ``predict``, ``bench``, ``doctor`` and
+``validate-config``."""
