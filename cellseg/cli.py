@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellseg import __version__
 from cellseg.edge.bundles.shipped import default_model, sample_frames
@@ -26,6 +27,10 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
 
 
+if TYPE_CHECKING:  # argparse's subparser type is subscriptable only to type checkers
+    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellseg",
@@ -35,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _training_commands(sub)
+    _device_commands(sub)
+    _build_commands(sub)
+    _engine_slot_commands(sub)
+    return parser
+
+
+def _training_commands(sub: _Commands) -> None:
+    """Importing data, training, evaluation and export (a workstation's commands)."""
     data = sub.add_parser("data", help="import annotated images into a YOLO-seg dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="FORMAT")
     labels = data_sub.add_parser("labels", help="frames with instance label images (0 = background, 1..N = cells)")
@@ -96,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--iou", type=float, default=0.7, help="default NMS IoU shipped with the model")
     ex.add_argument("--max-det", type=int, default=1000, help="default max detections shipped with the model")
 
+
+def _device_commands(sub: _Commands) -> None:
+    """Measuring: predict, the daemon and its demo, the doctor, configuration checks."""
     pr = sub.add_parser("predict", help="count cells and confluence in images")
     pr.add_argument("inputs", nargs="+", help="[MODEL.onnx] then images, folders or glob patterns")
     pr.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
@@ -139,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="check keys and values only, not the files they name (a configuration for another machine)",
     )
 
+
+def _build_commands(sub: _Commands) -> None:
+    """Quantisation, keys, bundles and TensorRT engines."""
     qz = sub.add_parser("quantize", help="INT8 Q/DQ ONNX from calibration images, checked by the accuracy gate")
     qz.add_argument("model", type=Path, help="the FP32 ONNX model (from cellseg export)")
     qz.add_argument("-o", "--output", type=Path, required=True, help="INT8 ONNX file to write")
@@ -176,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--calibration", type=Path, nargs="+", help="images for the implicit INT8 calibrator (fallback)")
     bd.add_argument("--validate", type=Path, nargs="*", help="frames to compare the engine with the ONNX model on")
 
+
+def _engine_slot_commands(sub: _Commands) -> None:
+    """A device's engines: flashing, the shipped model as a slot, rollback, and their speed."""
     fl = sub.add_parser("flash", help="verify a bundle and make it this device's engine (a running daemon swaps to it)")
     fl.add_argument("bundle", help="bundle file, or an http(s):// or file:// URL")
     fl.add_argument("--sha256", help="expected sha256 of the bundle file (required for URLs)")
@@ -212,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--runs", type=int, default=5, help="passes over the frames")
     be.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
-    return parser
 
 
 def _single_threaded_blas() -> None:

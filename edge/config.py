@@ -26,10 +26,20 @@ class _Section(BaseModel):
 
 
 class EngineConfig(_Section):
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto", description="'auto': TensorRT when the model is an engine bundle on a Jetson, else ONNX Runtime"
+    backend: str = Field(
+        "auto",
+        description="a backend's name (onnxruntime, tensorrt), or 'auto': the backend that runs the engine at hand",
     )
     threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads (default: all cores)")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from cellseg.edge.engines.registry import AUTO, BACKENDS
+
+        if value != AUTO and value not in BACKENDS:
+            raise ValueError(f"{value!r} is not a backend; known: {AUTO}, {', '.join(BACKENDS)}")
+        return value
 
 
 class SourceConfig(_Section):

@@ -187,6 +187,7 @@ class TensorRTEngine(LoadedInWith):
         except cuda.Error as e:
             raise CudaError(f"cannot open CUDA device {self.device}: {e}") from e
         failure: BaseException | None = None
+        io_bytes = 0
         try:
             self._runtime = trt.Runtime(tensorrt_logger(trt))
             self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -196,6 +197,7 @@ class TensorRTEngine(LoadedInWith):
                     "GPU, or truncated)"
                 )
             self.io = plan_io(io_tensors(self._engine, trt), self.info, self.path)
+            io_bytes = self.io.total_bytes
             self._context = self._engine.create_execution_context()
             self._stream = cuda.Stream()
             for t in self.io.tensors:
@@ -212,10 +214,9 @@ class TensorRTEngine(LoadedInWith):
         if failure is not None:
             self.close()
             raise failure
-        assert self.io is not None
         self.engine_id = f"tensorrt:{self.path.name}:{file_sha256(self.path)[:12]}"
         logger.info("loaded %s (TensorRT %s, %s, %.1f MB of I/O buffers)", self.path, trt.__version__,
-                    self.precision, self.io.total_bytes / 1e6)  # fmt: skip
+                    self.precision, io_bytes / 1e6)  # fmt: skip
 
     def warmup(self, runs: int = 1) -> None:
         dummy = np.full((1, 3, self.info.input_height, self.info.input_width), 114 / 255, dtype=np.float32)

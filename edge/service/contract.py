@@ -41,8 +41,9 @@ class Topic:
 AVAILABILITY = Topic("availability", True, 1, "`online` / `offline` (the last will)")
 MEASUREMENT = Topic(
     "measurement", False, 1,
-    "one JSON object per measurement (seq, timestamp, source, count, confluence_pct, areas, latencies_ms, "
-    "engine_id, precision), through the durable spool; `historical: true` when replayed after an outage",
+    "one JSON object per measurement (schema, seq, timestamp, source, image, width, height, count, confluence_pct, "
+    "areas, latencies_ms, engine_id, precision), through the durable spool; `historical: true` when replayed "
+    "after an outage",
 )  # fmt: skip
 COUNT = Topic("count", True, 1, "the latest cell count, a plain number")
 CONFLUENCE = Topic("confluence", True, 1, "the latest confluence in %, a plain number")
