@@ -164,17 +164,52 @@ class GpuPostprocess:
         *,
         want_masks: bool = False,
     ) -> Detections:
-        r, cfg, lb = self.runner, self.config, letterbox
+        lb = letterbox
         rows, anchors = pred_shape
-        nm, ph, pw = proto_shape
+        nm = proto_shape[0]
         nc = rows - 4 - nm
+        found = self._over_threshold(predictions, anchors, nc)
+        if found is None:
+            return self._empty(lb, want_masks)
+        idx, sc, cl = found
+        boxes, kept = decode_and_suppress(self._gather(predictions, anchors, 0, 4, idx), sc, cl, self.config)
+        frame_boxes = to_frame_boxes(boxes, lb)
+        spans = pixel_spans(frame_boxes, lb)
+        keep = np.flatnonzero((spans[:, 1] > spans[:, 0]) & (spans[:, 3] > spans[:, 2]))
+        if keep.size == 0:
+            return self._empty(lb, want_masks)
+        box_px = spans[keep]  # c0, c1, r0, r1
+        coefs = self.runner.zeros(int(keep.size) * nm, np.float32)
+        self.runner.launch("gather_columns", (_blocks(int(keep.size) * nm), 1, 1), (BLOCK, 1, 1), predictions,
+                           anchors, 4 + nc, nm, self.runner.upload(idx[kept][keep].astype(np.int32)), int(keep.size),
+                           coefs)  # fmt: skip
+        area, covered, masks = self._masks(prototypes, proto_shape, coefs, box_px, lb=lb, want_masks=want_masks)
+        # A detection without a single mask pixel is not a cell (as in the reference).
+        alive = np.flatnonzero(area > 0)
+        sel = keep[alive]
+        return Detections(
+            boxes=frame_boxes[sel].astype(np.float32),
+            scores=sc[kept][sel].astype(np.float32),
+            class_ids=cl[kept][sel].astype(np.int32),
+            areas_px=area[alive],
+            covered_pixels=covered,
+            mask_origins=box_px[alive][:, [0, 2]].astype(np.int32),
+            masks=None if masks is None else [masks[j] for j in alive.tolist()],
+            frame_width=lb.frame_width,
+            frame_height=lb.frame_height,
+        )
+
+    def _over_threshold(self, predictions: Any, anchors: int, nc: int) -> tuple[Any, Any, Any] | None:
+        """Anchors over the confidence threshold: (anchor indices, scores, classes) in anchor
+        order, at most MAX_NMS_CANDIDATES of the best; None when there are none."""
+        r = self.runner
         _, index, score, klass = self._candidate_buffers(anchors)
         count = r.zeros(1, np.int32)  # zeroed for every frame
         r.launch("filter_candidates", (_blocks(anchors), 1, 1), (BLOCK, 1, 1), predictions, anchors, nc,
-                 np.float32(cfg.conf), anchors, count, index, score, klass)  # fmt: skip
+                 np.float32(self.config.conf), anchors, count, index, score, klass)  # fmt: skip
         n = int(r.download(count, 1, np.int32)[0])
         if n == 0:
-            return self._empty(lb, want_masks)
+            return None
         idx = r.download(index, n, np.int32)
         sc = r.download(score, n, np.float32)
         cl = r.download(klass, n, np.int32)
@@ -185,26 +220,29 @@ class GpuPostprocess:
         if n > MAX_NMS_CANDIDATES:
             best = np.sort(np.argsort(-sc, kind="stable")[:MAX_NMS_CANDIDATES])
             idx, sc, cl = idx[best], sc[best], cl[best]
-        boxes, kept = decode_and_suppress(self._gather(predictions, anchors, 0, 4, idx), sc, cl, cfg)
-        frame_boxes = to_frame_boxes(boxes, lb)
-        spans = pixel_spans(frame_boxes, lb)
-        keep = np.flatnonzero((spans[:, 1] > spans[:, 0]) & (spans[:, 3] > spans[:, 2]))
-        if keep.size == 0:
-            return self._empty(lb, want_masks)
-        anchors_kept = idx[kept][keep]
+        return idx, sc, cl
+
+    def _masks(
+        self,
+        prototypes: Any,
+        proto_shape: tuple[int, int, int],
+        coefs: Any,
+        box_px: npt.NDArray[Any],
+        *,
+        lb: Letterbox,
+        want_masks: bool,
+    ) -> tuple[npt.NDArray[np.int64], int, list[npt.NDArray[np.bool_]] | None]:
+        """Each kept cell's mask, cropped to its box (``box_px``: c0, c1, r0, r1 in frame pixels):
+        its area, the pixels their union covers, and the masks themselves when asked for."""
+        r, (nm, ph, pw) = self.runner, proto_shape
         x_first, x_w, y_first, y_w, taps, resampler = self._geometry(lb, ph, pw)
-        box_px = spans[keep]  # c0, c1, r0, r1
+        k = int(box_px.shape[0])
         px0, px1 = resampler.x.windows(box_px[:, 0], box_px[:, 1])
         py0, py1 = resampler.y.windows(box_px[:, 2], box_px[:, 3])
         windows = np.stack([px0, px1, py0, py1], axis=1)
         offsets = np.concatenate([[0], np.cumsum((px1 - px0) * (py1 - py0))])
         mask_sizes = (box_px[:, 1] - box_px[:, 0]) * (box_px[:, 3] - box_px[:, 2])
         mask_offsets = np.concatenate([[0], np.cumsum(mask_sizes)])
-        k = int(keep.size)
-        coefs = r.zeros(k * nm, np.float32)
-        idx_dev = r.upload(anchors_kept.astype(np.int32))
-        r.launch("gather_columns", (_blocks(k * nm), 1, 1), (BLOCK, 1, 1), predictions, anchors, 4 + nc, nm,
-                 idx_dev, k, coefs)  # fmt: skip
         win_dev = r.upload(windows.astype(np.int32).ravel())
         off_dev = r.upload(offsets[:-1].astype(np.int32))
         logits = r.zeros(int(offsets[-1]), np.float32)
@@ -214,9 +252,8 @@ class GpuPostprocess:
         masks = r.zeros(int(mask_offsets[-1]), np.uint8)
         union = r.zeros(lb.frame_width * lb.frame_height, np.uint8)
         areas = r.zeros(k, np.int32)
-        largest = int(mask_sizes.max())
-        logit_threshold = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
-        r.launch("assemble_masks", (_blocks(largest), k, 1), (BLOCK, 1, 1), logits, win_dev, off_dev,
+        logit_threshold = math.log(self.config.mask_threshold / (1.0 - self.config.mask_threshold))
+        r.launch("assemble_masks", (_blocks(int(mask_sizes.max())), k, 1), (BLOCK, 1, 1), logits, win_dev, off_dev,
                  r.upload(box_px.astype(np.int32).ravel()), r.upload(mask_offsets[:-1].astype(np.int32)),
                  x_first, x_w, y_first, y_w, taps, np.float32(logit_threshold), lb.frame_width, masks, union,
                  areas)  # fmt: skip
@@ -225,27 +262,14 @@ class GpuPostprocess:
         r.launch("count_union", (min(_blocks(n_px), 1024), 1, 1), (BLOCK, 1, 1), union, n_px, total)
         area = r.download(areas, k, np.int32).astype(np.int64)
         covered = int(r.download(total, 1, np.uint32)[0])
-        # A detection without a single mask pixel is not a cell (as in the reference).
-        alive = np.flatnonzero(area > 0)
-        out_masks = None
-        if want_masks:
-            flat = r.download(masks, int(mask_offsets[-1]), np.uint8).astype(bool)
-            out_masks = []
-            for j in alive.tolist():
-                c0, c1, r0, r1 = box_px[j].tolist()
-                out_masks.append(flat[mask_offsets[j] : mask_offsets[j + 1]].reshape(r1 - r0, c1 - c0))
-        sel = keep[alive]
-        return Detections(
-            boxes=frame_boxes[sel].astype(np.float32),
-            scores=sc[kept][sel].astype(np.float32),
-            class_ids=cl[kept][sel].astype(np.int32),
-            areas_px=area[alive],
-            covered_pixels=covered,
-            mask_origins=box_px[alive][:, [0, 2]].astype(np.int32),
-            masks=out_masks,
-            frame_width=lb.frame_width,
-            frame_height=lb.frame_height,
-        )
+        if not want_masks:
+            return area, covered, None
+        flat = r.download(masks, int(mask_offsets[-1]), np.uint8).astype(bool)
+        cropped = []
+        for j in range(k):
+            c0, c1, r0, r1 = box_px[j].tolist()
+            cropped.append(flat[mask_offsets[j] : mask_offsets[j + 1]].reshape(r1 - r0, c1 - c0))
+        return area, covered, cropped
 
     @staticmethod
     def _empty(lb: Letterbox, want_masks: bool) -> Detections:
