@@ -125,6 +125,16 @@ def _device_commands(sub: _Commands) -> None:
     pr.add_argument("--labels", type=Path, help="write 16-bit instance label images to this folder")
     pr.add_argument("--labels-format", choices=["png", "tif"], default="png")
     pr.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in µm²")
+    tm = pr.add_argument_group("acquisition times (when the image metadata has none; else the file's mtime)")
+    tm.add_argument(
+        "--time-from-name",
+        metavar="REGEX",
+        help="file-name pattern with a (?P<datetime>...) or (?P<index>...) group, e.g. 't(?P<index>\\d+)'",
+    )
+    tm.add_argument("--time-format", default="%Y%m%d_%H%M%S", help="strptime format of the datetime group")
+    tm.add_argument("--frame-interval", type=float, metavar="SECONDS", help="seconds between frames (index group)")
+    tm.add_argument("--time-start", metavar="ISO8601", help="time of frame index 0 (index group)")
+    tm.add_argument("--timezone", help="IANA zone of times written without one (default: this machine's)")
     _add_threshold_args(pr)
 
     run = sub.add_parser("run", help="run the device daemon with a configuration file")
@@ -403,6 +413,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cellseg.edge.capture.acquisition import NamePattern, acquisition_rule
     from cellseg.edge.tools.predict import PredictOptions, run_predict
 
     inputs = list(args.inputs)
@@ -423,6 +434,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         max_det=args.max_det,
         pixel_size_um=args.pixel_size,
         threads=args.threads,
+        acquired=acquisition_rule(
+            NamePattern(args.time_from_name, args.time_format, args.frame_interval, args.time_start)
+            if args.time_from_name
+            else None,
+            args.timezone,
+        ),
     )
     failures = run_predict(model, inputs, options)
     return 1 if failures else 0

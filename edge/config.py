@@ -42,6 +42,14 @@ class EngineConfig(_Section):
         return value
 
 
+class NameTimeConfig(_Section):
+    pattern: str = Field(..., description="regular expression on the file name with a (?P<datetime>...) or a "
+                         "(?P<index>...) group, e.g. 't(?P<index>\\d+)'")  # fmt: skip
+    format: str = Field("%Y%m%d_%H%M%S", description="strptime format of the datetime group")
+    interval_s: float | None = Field(None, gt=0.0, description="seconds between frames (index group)")
+    start: str | None = Field(None, description="ISO 8601 time of frame index 0 (index group)")
+
+
 class SourceConfig(_Section):
     kind: Literal["folder", "images", "video", "v4l2", "csi", "rtsp"] = Field(..., description="where frames come from")
     path: Path | None = Field(None, description="folder to watch (folder) or video file (video)")
@@ -54,6 +62,12 @@ class SourceConfig(_Section):
     height: int | None = Field(None, ge=16, le=16384, description="requested frame height (cameras)")
     interval_s: float = Field(0.0, ge=0.0, le=86400.0, description="seconds between measurements (0: every frame)")
     loop: bool = Field(False, description="start again at the end (folder of images, video, image list)")
+    time_from_name: NameTimeConfig | None = Field(
+        None, description="acquisition times from file names, for images whose metadata has none"
+    )
+    timezone: str | None = Field(
+        None, description="IANA zone of times written without one (TIFF/EXIF; default: this machine's)"
+    )
     max_megapixels: float = Field(
         100.0,
         gt=0.0,
@@ -74,6 +88,14 @@ class SourceConfig(_Section):
             raise ValueError(f"source kind '{self.kind}' needs '{key}'")
         if self.url is not None and not self.url.startswith(("rtsp://", "rtsps://")):
             raise ValueError("url must start with rtsp:// or rtsps://")
+        if self.timezone is not None or self.time_from_name is not None:
+            from cellseg.edge.capture.acquisition import NamePattern, acquisition_rule
+
+            t = self.time_from_name
+            try:
+                acquisition_rule(NamePattern(t.pattern, t.format, t.interval_s, t.start) if t else None, self.timezone)
+            except CellsegError as e:
+                raise ValueError(str(e)) from e
         return self
 
 

@@ -17,8 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from cellseg.edge.capture import SourceFrame, no_beat
+from cellseg.edge.capture.acquisition import Acquired, acquisition_time
 from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.errors import ImageReadError
 from cellseg.edge.pipeline.types import Frame
@@ -31,6 +33,17 @@ def file_key(path: Path) -> str:
     return f"file:{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def file_frame(pixels: Any, path: Path, seq: int, acquired: Callable[[Path], Acquired]) -> Frame:
+    """The frame of an image file, with the time it was taken (its metadata, name or mtime)."""
+    try:
+        when: Acquired | None = acquired(path)
+    except OSError as e:  # gone between reading and looking at it: measured, without a time
+        logger.warning("%s: no acquisition time (%s)", path, e.strerror)
+        when = None
+    return Frame(pixels, source=str(path), timestamp=time.time(), seq=seq,
+                 acquired_at=when.at if when else None, acquired_from=when.source if when else "")  # fmt: skip
+
+
 class ImageListSource:
     """Images in a given order; with ``loop`` they repeat until stopped."""
 
@@ -41,9 +54,12 @@ class ImageListSource:
         name: str = "images",
         stop: threading.Event | None = None,
         max_pixels: int | None = None,
+        *,
+        acquired: Callable[[Path], Acquired] = acquisition_time,
     ) -> None:
         self.paths = list(paths)
         self.max_pixels = max_pixels
+        self.acquired = acquired
         self.loop = loop
         self.name = name
         self.live = False
@@ -62,7 +78,7 @@ class ImageListSource:
                 except ImageReadError as e:
                     logger.error("skipping %s", e)
                     continue
-                yield SourceFrame(Frame(pixels, source=str(path), timestamp=time.time(), seq=seq))
+                yield SourceFrame(file_frame(pixels, path, seq, self.acquired))
                 seq += 1
             if not self.loop:
                 return
@@ -82,6 +98,7 @@ class FolderSource:
         poll_s: how often the folder is listed.
         loop: demo mode: go over the folder's images again and again, ignoring done-marks.
         max_pixels: refuse larger images from their header (reported, skipped until changed).
+        acquired: when an image file was taken (default: its metadata, else its mtime).
     """
 
     def __init__(
@@ -94,8 +111,10 @@ class FolderSource:
         poll_s: float = 0.5,
         loop: bool = False,
         max_pixels: int | None = None,
+        acquired: Callable[[Path], Acquired] = acquisition_time,
     ) -> None:
         self.folder = Path(folder)
+        self.acquired = acquired
         self.max_pixels = max_pixels
         self.pattern = pattern
         self.is_done = is_done
@@ -122,7 +141,8 @@ class FolderSource:
 
     def frames(self) -> Iterator[SourceFrame]:
         if self.loop:
-            images = ImageListSource(self._candidates(), True, self.name, self._stop, self.max_pixels)
+            images = ImageListSource(self._candidates(), True, self.name, self._stop, self.max_pixels,
+                                     acquired=self.acquired)  # fmt: skip
             images.heartbeat = self.heartbeat
             yield from images.frames()
             return
@@ -154,7 +174,7 @@ class FolderSource:
                     self._failed.add(key)
                     continue
                 self._handed.add(key)
-                yield SourceFrame(Frame(pixels, source=str(path), timestamp=time.time(), seq=seq), done_key=key)
+                yield SourceFrame(file_frame(pixels, path, seq, self.acquired), done_key=key)
                 seq += 1
                 if self._stop.is_set():
                     return

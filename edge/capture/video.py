@@ -67,6 +67,7 @@ class VideoFileSource:
                     if not ok:
                         break
                     pixels = normalise_layout(image, self.path)
+                    # A recorded video says nothing reliable of when each frame was taken: no acquired_at.
                     frame = Frame(pixels, source=f"{self.path}#{seq}", timestamp=time.time(), seq=seq)
                     yield SourceFrame(frame)
                     seq += 1
@@ -167,7 +168,9 @@ class LiveSource:
                 if self._latest_id == taken:
                     continue
                 image, taken = self._latest, self._latest_id
-            frame = Frame(normalise_layout(image, self.name), source=self.name, timestamp=time.time(), seq=seq)
+            now = time.time()
+            frame = Frame(normalise_layout(image, self.name), source=self.name, timestamp=now, seq=seq,
+                          acquired_at=now, acquired_from="capture")  # fmt: skip
             yield SourceFrame(frame)
             seq += 1
 

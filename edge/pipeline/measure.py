@@ -41,6 +41,8 @@ def measure(
         pixel_size_um=pixel_size_um,
         latencies_ms=dict(latencies_ms or {}),
         engine_id=engine_id,
+        acquired_at=frame.acquired_at,
+        acquired_from=frame.acquired_from,
     )
 
 

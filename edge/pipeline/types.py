@@ -26,14 +26,19 @@ class Frame:
     Attributes:
         pixels: ``(H, W)`` grey or ``(H, W, 3)`` BGR, dtype uint8 or uint16.
         source: where it came from (file path, camera name), for reports.
-        timestamp: wall-clock seconds since the epoch when it was captured.
+        timestamp: wall-clock seconds since the epoch when it was read (processing time).
         seq: sequence number within its source.
+        acquired_at: seconds since the epoch when it was taken (image metadata, file name or
+            mtime for files; the capture for cameras), None when unknown.
+        acquired_from: where ``acquired_at`` was read (see :mod:`cellseg.edge.capture.acquisition`).
     """
 
     pixels: npt.NDArray[Any]
     source: str = ""
     timestamp: float = 0.0
     seq: int = 0
+    acquired_at: float | None = None
+    acquired_from: str = ""
 
     def __post_init__(self) -> None:
         p = self.pixels
@@ -236,6 +241,7 @@ class Measurement:
         pixel_size_um: micrometres per pixel when configured, else None.
         latencies_ms: per-stage wall time (``preprocess``, ``infer``, ``postprocess``, ...).
         engine_id: identifies the model that measured it.
+        acquired_at, acquired_from: when the frame was taken, and where that was read (the Frame's).
     """
 
     seq: int
@@ -249,6 +255,8 @@ class Measurement:
     pixel_size_um: float | None = None
     latencies_ms: dict[str, float] = field(default_factory=dict)
     engine_id: str = ""
+    acquired_at: float | None = None
+    acquired_from: str = ""
 
     def __post_init__(self) -> None:
         if self.count != self.areas_px.shape[0]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cellseg import __version__
+from cellseg.edge.capture.acquisition import iso_time
 from cellseg.edge.pipeline.measure import area_summary
 from cellseg.edge.pipeline.types import Measurement
 
@@ -41,9 +42,10 @@ class Topic:
 AVAILABILITY = Topic("availability", True, 1, "`online` / `offline` (the last will)")
 MEASUREMENT = Topic(
     "measurement", False, 1,
-    "one JSON object per measurement (schema, seq, timestamp, source, image, width, height, count, confluence_pct, "
-    "areas, latencies_ms, engine_id, precision), through the durable spool; `historical: true` when replayed "
-    "after an outage",
+    "one JSON object per measurement (schema, seq, timestamp, acquired_at, acquired_from, source, image, width, "
+    "height, count, confluence_pct, areas, latencies_ms, engine_id, precision), through the durable spool; "
+    "`acquired_at` is when the frame was taken (ISO 8601), `timestamp` when it was measured (epoch s); "
+    "`historical: true` when replayed after an outage",
 )  # fmt: skip
 COUNT = Topic("count", True, 1, "the latest cell count, a plain number")
 CONFLUENCE = Topic("confluence", True, 1, "the latest confluence in %, a plain number")
@@ -65,6 +67,8 @@ def measurement_payload(m: Measurement, precision: str | None = None) -> dict[st
     record: dict[str, Any] = {
         "seq": m.seq,
         "timestamp": m.timestamp,
+        "acquired_at": iso_time(m.acquired_at) if m.acquired_at is not None else None,
+        "acquired_from": m.acquired_from or None,
         "source": m.source,
         "image": m.source,
         "count": m.count,

@@ -13,20 +13,22 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from cellseg.edge.capture.acquisition import Acquired, acquisition_time
+from cellseg.edge.capture.files import file_frame
 from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.errors import CellsegError, DependencyError, ImageReadError
-from cellseg.edge.pipeline.types import Frame
 from cellseg.edge.service.contract import measurement_payload
 
 logger = logging.getLogger(__name__)
 
 CSV_FIELDS = (
     "image",
+    "acquired_at",
     "time_utc",
     "count",
     "confluence_pct",
@@ -55,6 +57,7 @@ class PredictOptions:
     max_det: int | None = None
     pixel_size_um: float | None = None
     threads: int | None = None
+    acquired: Callable[[Path], Acquired] = acquisition_time  # when each image was taken
 
 
 def expand_inputs(inputs: Sequence[str]) -> Iterator[Path]:
@@ -116,7 +119,7 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
                 _error_line(out, options.output_format, str(path), e.reason)
                 continue
             decode_ms = (time.perf_counter() - t0) * 1e3
-            frame = Frame(pixels, source=str(path), timestamp=time.time(), seq=seq)
+            frame = file_frame(pixels, path, seq, options.acquired)
             try:
                 result = predictor(frame)
             except CellsegError as e:
@@ -173,6 +176,7 @@ def _result_line(out: IO[str], fmt: str, writer: csv.DictWriter[str] | None, d: 
         writer.writerow(
             {
                 "image": d["image"],
+                "acquired_at": d["acquired_at"] or "",
                 "time_utc": _time_utc(d["timestamp"]),
                 "count": d["count"],
                 "confluence_pct": d["confluence_pct"],

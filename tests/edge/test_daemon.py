@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cellseg.edge.capture.acquisition import iso_time
 from tests.conftest import SHIPPED_MODEL
 from tests.mqtt_broker import Broker, Subscriber
 from tests.notify_socket import NotifySocket
@@ -46,13 +47,17 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     ns.close()
 
 
-def _config(tmp_path: Path, incoming: Path, broker: Broker) -> Path:
+# The T98G frames' acquisition times, from their names: frame tNN every 10.2 min.
+T98G_TIMES = {"pattern": r"t(?P<index>\d+)\.tif$", "interval_s": 612.0, "start": "2018-01-01T09:00:00+01:00"}
+
+
+def _config(tmp_path: Path, incoming: Path, broker: Broker, **source: object) -> Path:
     path = tmp_path / "cellseg.yaml"
     path.write_text(yaml.safe_dump({
         "device_id": "scope-7",
         "model": str(SHIPPED_MODEL),
         "state_dir": str(tmp_path / "state"),
-        "source": {"kind": "folder", "path": str(incoming), "pattern": "*.tif"},
+        "source": {"kind": "folder", "path": str(incoming), "pattern": "*.tif", **source},
         "measurement": {"pixel_size_um": 0.87},
         "mqtt": {"host": broker.host, "port": broker.port},
     }))  # fmt: skip
@@ -120,7 +125,7 @@ def test_folder_of_12_frames_measured_published_and_stopped_cleanly(
 
 def test_killed_daemon_replays_its_spool_and_measures_no_file_twice(frames: Path, tmp_path: Path) -> None:
     broker = Broker(tmp_path)  # not running: everything stays in the spool
-    config = _config(tmp_path, frames, broker)
+    config = _config(tmp_path, frames, broker, time_from_name=T98G_TIMES)
     spool_db = tmp_path / "state" / "spool.sqlite"
 
     def spooled() -> int:
@@ -160,6 +165,11 @@ def test_killed_daemon_replays_its_spool_and_measures_no_file_twice(frames: Path
         )
         # What was measured before the kill went out as the backlog.
         assert all(r.get("historical") for r in records if r["seq"] <= before)
+        # Backlog or not, each measurement carries when its frame was taken, not when it was sent.
+        for r in records:
+            index = int(Path(r["image"]).stem[-2:])
+            assert r["acquired_from"] == "file-name"
+            assert r["acquired_at"] == iso_time(1514793600.0 + index * 612.0), r  # 08:00 UTC + index x 10.2 min
         sub.close()
     finally:
         broker.stop()
