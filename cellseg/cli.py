@@ -112,7 +112,14 @@ def _training_commands(sub: _Commands) -> None:
 
 
 def _device_commands(sub: _Commands) -> None:
-    """Measuring: predict, the daemon and its demo, the doctor, configuration checks."""
+    """Measuring: predict, growth, the daemon and its demo, the doctor, configuration checks."""
+    gr = sub.add_parser("growth", help="growth curve, doubling time and passage ETA from measurements on file")
+    gr.add_argument("inputs", nargs="+", type=Path,
+                    help="cellseg predict --json/--csv output or a history export (JSON lines)")  # fmt: skip
+    gr.add_argument("--json", action="store_true", help="one JSON object per series")
+    gr.add_argument("--target-confluence", type=float, default=70.0, metavar="PCT",
+                    help="confluence at which the culture is due for passage (default 70)")  # fmt: skip
+    gr.add_argument("--plot", type=Path, metavar="FILE.png", help="draw counts, confluence, the fit and the ETA")
     pr = sub.add_parser("predict", help="count cells and confluence in images")
     pr.add_argument("inputs", nargs="+", help="[MODEL.onnx] then images, folders or glob patterns")
     pr.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
@@ -282,6 +289,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "eval": _cmd_eval,
         "export": _cmd_export,
         "predict": _cmd_predict,
+        "growth": _cmd_growth,
         "bench": _cmd_bench,
         "validate-config": _cmd_validate_config,
         "doctor": _cmd_doctor,
@@ -443,6 +451,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     )
     failures = run_predict(model, inputs, options)
     return 1 if failures else 0
+
+
+def _cmd_growth(args: argparse.Namespace) -> int:
+    from cellseg.edge.growth.model import GrowthSettings
+    from cellseg.edge.tools.growth import run_growth
+
+    settings = GrowthSettings(target_confluence_pct=args.target_confluence)
+    return run_growth(list(args.inputs), settings, as_json=args.json, plot=args.plot)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@
 - ``engines/``: the inference backends (ONNX Runtime; TensorRT with CUDA kernels) and their registry;
 - ``bundles/``: signed engine bundles, the slot store, flashing, which engine a device opens;
 - ``service/``: the daemon, its MQTT contract, spool, publisher and health;
-- ``tools/``: ``predict``, ``bench``, ``doctor``, ``validate-config``;
+- ``growth/``: growth fits (doubling time, passage ETA) and their picture;
+- ``tools/``: ``predict``, ``growth``, ``bench``, ``doctor``, ``validate-config``;
 - and beside them what all share: ``config``, ``errors``, ``device`` (facts about this
   machine), ``hashing``.
 

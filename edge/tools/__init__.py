@@ -1,2 +1,2 @@
-"""Commands a user runs beside the daemon: ``predict``, ``bench``, ``doctor`` and
+"""Commands a user runs beside the daemon: ``predict``, ``growth``, ``bench``, ``doctor`` and
 ``validate-config``."""
