@@ -4,9 +4,10 @@ its 95 % interval, and when confluence will reach the passage target.
 The series is cut into segments at each passage or medium change: a drop of count (or
 confluence) below ``passage_drop`` of the recent level that the next frame confirms (a single
 low frame is an outlier: a bubble, a lost focus, a lid change, and does not cut). In the newest
-segment, each of count and confluence is fitted on a log scale with a robust loss (SciPy's
-``least_squares``, soft-L1), frames far off the fit are set aside, and the rest refitted by least
-squares, from which the intervals come:
+segment, each of count and confluence is fitted on a log scale; frames far from the median of
+their neighbours are set aside first (model-free, so neither a bad frame nor a bending curve
+fools it), and the rest fitted by least squares (SciPy's ``least_squares`` for the logistic),
+from which the intervals come:
 
 - exponential, ``log y = a + r t``, while the culture grows freely;
 - logistic, ``y = K / (1 + exp(-r (t - t_mid)))``, once it bends towards a plateau (chosen
@@ -167,20 +168,43 @@ def _check(t: npt.NDArray[np.float64], count: npt.NDArray[np.float64], conf: npt
         raise ContractError("times must increase strictly (sort them and drop duplicates first)")
 
 
+def _median3(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], c: npt.NDArray[np.float64]) -> Any:
+    return a + b + c - np.maximum(np.maximum(a, b), c) - np.minimum(np.minimum(a, b), c)
+
+
 def segment_starts(values: npt.NDArray[np.float64], drop: float, window: int = 3) -> list[int]:
     """Indices where a new segment begins: 0, and each confirmed drop below ``drop`` x the median
     of the previous ``window`` frames of the running segment."""
-    v = [float(x) for x in values]  # plain floats: a median of three, 2,000 times, in microseconds
+    v = np.asarray(values, np.float64)
+    if len(v) < 3:
+        return [0]
+    # Candidates first, against the previous three frames whatever their segment (vectorised: a
+    # history of thousands is walked in microseconds); then each is checked in order against its
+    # own segment's frames only.
+    padded = np.concatenate([np.full(3, v[0]), v])
+    level = _median3(padded[:-3], padded[1:-2], padded[2:-1])
+    low = v < drop * level
+    candidates = np.flatnonzero(low[1:-1] & (v[2:] < drop * level[1:-1])) + 1
     starts = [0]
-    i = 1
-    while i < len(v):
-        recent = sorted(v[max(starts[-1], i - window) : i])
+    for i in candidates.tolist():
+        recent = sorted(float(x) for x in v[max(starts[-1], i - window) : i])
+        if not recent:
+            continue
         mid = len(recent) // 2
-        level = recent[mid] if len(recent) % 2 else (recent[mid - 1] + recent[mid]) / 2
-        if level > 0 and v[i] < drop * level and i + 1 < len(v) and v[i + 1] < drop * level:
+        median = recent[mid] if len(recent) % 2 else (recent[mid - 1] + recent[mid]) / 2
+        if median > 0 and v[i] < drop * median and v[i + 1] < drop * median:
             starts.append(i)
-        i += 1
     return starts
+
+
+def _local_outliers(logy: npt.NDArray[np.float64], limit: float, half: int = 3) -> npt.NDArray[np.bool_]:
+    """Frames further than ``limit`` (log scale) from the median of their neighbourhood (three
+    frames each side, reflected at the ends): a model-free test, so a culture bending towards
+    its plateau does not look like a run of outliers to an exponential."""
+    if len(logy) < 2 * half + 1:
+        return np.zeros(len(logy), bool)
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(logy, half, mode="reflect"), 2 * half + 1)
+    return np.asarray(np.abs(logy - np.median(windows, axis=1)) > limit)
 
 
 def _ols(
@@ -210,25 +234,16 @@ def _bends(h: npt.NDArray[np.float64], logy: npt.NDArray[np.float64]) -> bool:
 
 
 def _fit(t: npt.NDArray[np.float64], y: npt.NDArray[np.float64], settings: GrowthSettings) -> Curve | None:
-    """The better of an exponential and a logistic fit of ``y`` (> 0) against ``t``."""
-    from scipy.optimize import least_squares
-
+    """The better of an exponential and a logistic fit of ``y`` (> 0) against ``t``, frames far
+    from their neighbours left out."""
     positive = y > 0
     if positive.sum() < 3:
         return None
     t0 = float(t[0])
     h = (t - t0) / HOUR
     logy = np.log(np.where(positive, y, 1.0))
-    hp, lp = h[positive], logy[positive]
-    design = np.column_stack([np.ones_like(hp), hp])
-
-    def exp_residual(p: npt.NDArray[np.float64]) -> Any:
-        return p[0] + p[1] * hp - lp
-
-    start, *_ = np.linalg.lstsq(design, lp, rcond=None)
-    robust = least_squares(exp_residual, start, jac=lambda _p: design, loss="soft_l1", f_scale=0.05)
     used = positive.copy()
-    used[positive] = np.abs(exp_residual(robust.x)) <= settings.outlier_log
+    used[positive] = ~_local_outliers(logy[positive], settings.outlier_log)
     if used.sum() < 3:
         return None
     hu, lu = h[used], logy[used]
