@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import logging
 import math
 import sys
 from collections import defaultdict
@@ -27,15 +26,14 @@ import numpy as np
 from cellseg.edge.errors import ConfigError
 from cellseg.edge.growth.model import GrowthFit, GrowthSettings, fit_growth
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Record:
+    """One measurement: when its frame was taken (epoch s), its count and confluence."""
+
     at: float
     count: float
     confluence_pct: float
-    series: str
 
 
 def _time(row: dict[str, Any]) -> float | None:
@@ -93,7 +91,7 @@ def read_records(paths: list[Path], warn: IO[str]) -> dict[str, list[Record]]:
             if not all(map(math.isfinite, (at, count, conf))) or count < 0 or conf < 0:
                 bad += 1
                 continue
-            by_series[str(row.get("series") or "default")].append(Record(at, count, conf, str(row.get("series") or "")))
+            by_series[str(row.get("series") or "default")].append(Record(at, count, conf))
     if untimed:
         warn.write(f"cellseg growth: {untimed} records have no time (acquired_at or timestamp); left out\n")
     if bad:
