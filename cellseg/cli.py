@@ -120,6 +120,13 @@ def _device_commands(sub: _Commands) -> None:
     gr.add_argument("--target-confluence", type=float, default=70.0, metavar="PCT",
                     help="confluence at which the culture is due for passage (default 70)")  # fmt: skip
     gr.add_argument("--plot", type=Path, metavar="FILE.png", help="draw counts, confluence, the fit and the ETA")
+    hi = sub.add_parser("history", help="the device's measurement history, per series")
+    hi_sub = hi.add_subparsers(dest="history_command", required=True, metavar="ACTION")
+    ex = hi_sub.add_parser("export", help="write the history as JSON lines (default) or CSV, for cellseg growth")
+    ex.add_argument("--config", type=Path, required=True, help="device configuration (state_dir)")
+    ex.add_argument("--csv", action="store_true", help="CSV with a header instead of JSON lines")
+    ex.add_argument("--series", help="only this series")
+    ex.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     pr = sub.add_parser("predict", help="count cells and confluence in images")
     pr.add_argument("inputs", nargs="+", help="[MODEL.onnx] then images, folders or glob patterns")
     pr.add_argument("--model", type=Path, help="ONNX model (default: $CELLSEG_MODEL or the shipped model)")
@@ -290,6 +297,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "export": _cmd_export,
         "predict": _cmd_predict,
         "growth": _cmd_growth,
+        "history": _cmd_history,
         "bench": _cmd_bench,
         "validate-config": _cmd_validate_config,
         "doctor": _cmd_doctor,
@@ -459,6 +467,33 @@ def _cmd_growth(args: argparse.Namespace) -> int:
 
     settings = GrowthSettings(target_confluence_pct=args.target_confluence)
     return run_growth(list(args.inputs), settings, as_json=args.json, plot=args.plot)
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from cellseg.edge.config import load_config
+    from cellseg.edge.growth.history import History
+
+    config = load_config(args.config)
+    path = config.state_dir / "history.sqlite"
+    if not path.is_file():
+        print(f"cellseg history: error: no history at {path} (the daemon writes it as it measures)", file=sys.stderr)
+        return 2
+    history = History(path, config.growth.history_days)
+    try:
+        if args.series is not None and args.series not in history.series():
+            known = ", ".join(history.series()) or "none"
+            print(f"cellseg history: error: no series {args.series!r} (known: {known})", file=sys.stderr)
+            return 2
+        fmt = "csv" if args.csv else "jsonl"
+        if args.output is None:
+            written = history.export(sys.stdout, fmt, args.series)
+        else:
+            with open(args.output, "w", newline="") as out:
+                written = history.export(out, fmt, args.series)
+        print(f"{written} measurements", file=sys.stderr)
+    finally:
+        history.close()
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

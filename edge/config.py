@@ -12,6 +12,7 @@ a systemd credential (``LoadCredential=`` puts it in ``$CREDENTIALS_DIRECTORY``)
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,6 +198,34 @@ class FlashConfig(_Section):
     )
 
 
+class GrowthConfig(_Section):
+    enabled: bool = Field(True, description="keep a history per series and publish its growth fit")
+    target_confluence_pct: float = Field(70.0, gt=0.0, le=100.0, description="confluence at which passage is due")
+    series: str | None = Field(
+        None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the series this source's frames belong to (default: the device id)",
+    )  # fmt: skip
+    series_from_name: str | None = Field(
+        None,
+        description="regular expression with a (?P<series>...) group on the file name, e.g. one series per "
+        "well: '_(?P<series>[A-H][0-9]+)_'; files that do not match go to 'series'",
+    )
+    history_days: float = Field(90.0, gt=0.0, le=3650.0, description="days of history kept per series")
+
+    @field_validator("series_from_name")
+    @classmethod
+    def _series_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            groups = re.compile(value).groupindex
+        except re.error as e:
+            raise ValueError(f"{value!r} is not a regular expression: {e}") from e
+        if "series" not in groups:
+            raise ValueError("series_from_name needs a (?P<series>...) group")
+        return value
+
+
 class Config(_Section):
     """The whole device configuration."""
 
@@ -217,6 +246,7 @@ class Config(_Section):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     overlay: OverlayConfig = Field(default_factory=OverlayConfig)
     flash: FlashConfig = Field(default_factory=FlashConfig)
+    growth: GrowthConfig = Field(default_factory=GrowthConfig)
 
     @property
     def topic_prefix(self) -> str:

@@ -131,6 +131,7 @@ class GrowthFit:
     doubling_time_ci95_h: tuple[float | None, float | None] | None = None
     passage_eta: float | None = None
     passage_eta_ci95: tuple[float | None, float | None] | None = None
+    passage_due: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +152,7 @@ class GrowthFit:
             "target_confluence_pct": self.target_confluence_pct,
             "passage_eta": iso(self.passage_eta),
             "passage_eta_ci95": [iso(v) for v in self.passage_eta_ci95] if self.passage_eta_ci95 else None,
+            "passage_due": self.passage_due,
             "segment_start": iso(self.segment_start),
             "segments": [[iso(a), iso(b)] for a, b in self.segments],
             "n_points": self.n_points,
@@ -318,7 +320,9 @@ def fit_growth(
     first = starts[-1]
     st, sc, sf = t[first:], count[first:], conf[first:]
     span_h = (st[-1] - st[0]) / HOUR if len(st) > 1 else 0.0
-    base = GrowthFit("insufficient data", "", s.target_confluence_pct, len(st), 0, float(st[0]), segments)
+    due = bool(sf[-1] >= s.target_confluence_pct)  # refined by the fit below, when there is one
+    base = GrowthFit("insufficient data", "", s.target_confluence_pct, len(st), 0, float(st[0]), segments,
+                     passage_due=due)  # fmt: skip
     if len(st) < s.min_points or span_h < s.min_span_h:
         since = "since the last passage" if first > 0 else "in the series"
         reason = (f"needs at least {s.min_points} frames over {s.min_span_h:g} h {since}; "
@@ -344,9 +348,11 @@ def fit_growth(
         status, reason = "declining", "the count falls"
     else:
         status, reason = "plateau", "no significant growth"
+    if conf_curve is not None:  # the fit's value now, not one noisy frame
+        due = bool(float(conf_curve(st[-1:])[0]) >= s.target_confluence_pct)
     return GrowthFit(
         status, reason, s.target_confluence_pct, int(growth.used.sum()), outliers, float(st[0]), segments,
-        count_curve, conf_curve, rate, doubling, doubling_ci, eta, eta_ci,
+        count_curve, conf_curve, rate, doubling, doubling_ci, eta, eta_ci, due,
     )  # fmt: skip
 
 

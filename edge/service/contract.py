@@ -34,16 +34,17 @@ class Topic:
     qos: int
     payload: str
 
-    def under(self, prefix: str, command: str = "") -> str:
-        """The full topic; ``command`` fills ``<name>`` (``+`` subscribes to every command)."""
-        return f"{prefix}/{self.name.replace('<name>', command)}"
+    def under(self, prefix: str, name: str = "") -> str:
+        """The full topic; ``name`` fills its ``<...>`` part: a command's name (``+`` subscribes
+        to every command) or a series."""
+        return f"{prefix}/{re.sub(r'<[a-z_]+>', name, self.name)}"
 
 
 AVAILABILITY = Topic("availability", True, 1, "`online` / `offline` (the last will)")
 MEASUREMENT = Topic(
     "measurement", False, 1,
-    "one JSON object per measurement (schema, seq, timestamp, acquired_at, acquired_from, source, image, width, "
-    "height, count, confluence_pct, areas, latencies_ms, engine_id, precision), through the durable spool; "
+    "one JSON object per measurement (schema, seq, timestamp, acquired_at, acquired_from, series, source, image, "
+    "width, height, count, confluence_pct, areas, latencies_ms, engine_id, precision), through the durable spool; "
     "`acquired_at` is when the frame was taken (ISO 8601), `timestamp` when it was measured (epoch s); "
     "`historical: true` when replayed after an outage",
 )  # fmt: skip
@@ -54,16 +55,25 @@ STATE = Topic(
     "JSON: engine (id, backend, precision, slot), version, uptime, fps, spool depth, last flash, last error",
 )  # fmt: skip
 SNAPSHOT = Topic("snapshot", False, 0, "JPEG overlay of the last frame, on request (`cmd/snapshot`)")
+GROWTH = Topic(
+    "growth/<series>", True, 1,
+    "JSON per series, after each measurement: status, doubling_time_h with doubling_time_ci95_h, growth_rate_per_h, "
+    "passage_eta (ISO 8601) with passage_eta_ci95, passage_due, target_confluence_pct, segment_start, n_points",
+)  # fmt: skip
+EVENT = Topic("event", False, 1, "JSON events: `passage_due` (series, at, confluence_pct) once per segment")
 COMMAND = Topic("cmd/<name>", False, 1, "commands (`flash`, `snapshot`, `reload`): a flat JSON object, validated")
 COMMAND_RESULT = Topic("cmd/<name>/result", False, 1, "JSON reply: the request's `id`, `ok`, `error` when refused")
-TOPICS = (AVAILABILITY, MEASUREMENT, COUNT, CONFLUENCE, STATE, SNAPSHOT, COMMAND, COMMAND_RESULT)
+TOPICS = (AVAILABILITY, MEASUREMENT, COUNT, CONFLUENCE, STATE, GROWTH, EVENT, SNAPSHOT, COMMAND, COMMAND_RESULT)
 # Home Assistant discovery (optional), under its own prefix, retained, QoS 1.
-DISCOVERY = Topic("<discovery_prefix>/sensor/<node>/<key>/config", True, 1, "Home Assistant discovery (optional)")
+DISCOVERY = Topic(
+    "<discovery_prefix>/<component>/<node>/<key>/config", True, 1,
+    "Home Assistant discovery (optional): count, confluence, doubling time, passage ETA, passage due",
+)  # fmt: skip
 
 
-def measurement_payload(m: Measurement, precision: str | None = None) -> dict[str, Any]:
-    """The JSON form of one measurement: the MQTT ``measurement`` payload, and what
-    ``cellseg predict --json`` prints (without the schema and precision)."""
+def measurement_payload(m: Measurement, precision: str | None = None, series: str | None = None) -> dict[str, Any]:
+    """The JSON form of one measurement: the MQTT ``measurement`` payload (with its schema,
+    precision and series), and what ``cellseg predict --json`` prints (without them)."""
     record: dict[str, Any] = {
         "seq": m.seq,
         "timestamp": m.timestamp,
@@ -80,8 +90,23 @@ def measurement_payload(m: Measurement, precision: str | None = None) -> dict[st
         "engine_id": m.engine_id,
     }
     if precision is not None:
-        record.update(schema=SCHEMA, precision=precision)
+        record.update(schema=SCHEMA, precision=precision, series=series)
     return record
+
+
+def safe_series(name: str) -> str:
+    """A series name fit for a topic level (no ``/``, ``+``, ``#``) and Home Assistant ids."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+
+
+def growth_payload(series: str, fit: dict[str, Any]) -> str:
+    """The retained ``growth/<series>`` payload: the fit (:meth:`GrowthFit.to_dict`)."""
+    return json.dumps({"schema": SCHEMA, "series": series, **fit})
+
+
+def passage_due_event(series: str, at: float, confluence_pct: float) -> str:
+    return json.dumps({"schema": SCHEMA, "event": "passage_due", "series": series, "at": iso_time(at),
+                       "confluence_pct": round(confluence_pct, 2)})  # fmt: skip
 
 
 def count_payload(m: Measurement) -> str:
@@ -142,8 +167,9 @@ def reply(request_id: str | None, ok: bool, error: str = "", **extra: Any) -> by
     return json.dumps(body).encode()
 
 
-def discovery_messages(prefix: str, discovery_prefix: str) -> list[tuple[str, str]]:
-    """Home Assistant MQTT discovery for the count and confluence sensors (retained).
+def discovery_messages(prefix: str, discovery_prefix: str, growth_series: str | None = None) -> list[tuple[str, str]]:
+    """Home Assistant MQTT discovery (retained): count and confluence sensors and, given the
+    series whose growth to show, its doubling time, passage ETA and a "passage due" binary sensor.
 
     Home Assistant drops a discovery topic whose node id has characters other than
     ``[A-Za-z0-9_-]`` without a word, so the prefix is mapped onto those (``lab2.incubator-3``
@@ -157,27 +183,38 @@ def discovery_messages(prefix: str, discovery_prefix: str) -> list[tuple[str, st
         "model": "live cell-culture monitor",
         "sw_version": __version__,
     }
-    sensors = {
-        COUNT: {"name": "Cell count", "unit_of_measurement": "cells", "icon": "mdi:counter",
-                "suggested_display_precision": 0},
-        CONFLUENCE: {"name": "Confluence", "unit_of_measurement": "%", "icon": "mdi:percent",
-                     "suggested_display_precision": 1},
-    }  # fmt: skip
+    entities: list[tuple[str, str, dict[str, Any]]] = [
+        ("sensor", COUNT.name, {"name": "Cell count", "unit_of_measurement": "cells", "icon": "mdi:counter",
+                                "suggested_display_precision": 0, "state_topic": COUNT.under(prefix),
+                                "state_class": "measurement"}),
+        ("sensor", CONFLUENCE.name, {"name": "Confluence", "unit_of_measurement": "%", "icon": "mdi:percent",
+                                     "suggested_display_precision": 1, "state_topic": CONFLUENCE.under(prefix),
+                                     "state_class": "measurement"}),
+    ]  # fmt: skip
+    if growth_series is not None:
+        growth = GROWTH.under(prefix, safe_series(growth_series))
+        entities += [
+            ("sensor", "doubling_time", {"name": "Doubling time", "unit_of_measurement": "h", "icon": "mdi:chart-line",
+                                         "device_class": "duration", "suggested_display_precision": 1,
+                                         "state_topic": growth, "value_template": "{{ value_json.doubling_time_h }}"}),
+            ("sensor", "passage_eta", {"name": "Passage due at", "device_class": "timestamp", "state_topic": growth,
+                                       "value_template": "{{ value_json.passage_eta }}"}),
+            ("binary_sensor", "passage_due", {"name": "Passage due", "icon": "mdi:flask", "state_topic": growth,
+                                              "value_template": "{{ 'ON' if value_json.passage_due else 'OFF' }}"}),
+        ]  # fmt: skip
     messages = []
-    for topic, extra in sensors.items():
-        key = topic.name
+    for component, key, extra in entities:
         body = {
             **extra,
             "unique_id": f"{node}_{key}",
             "object_id": f"{node}_{key}",
-            "state_topic": topic.under(prefix),
-            "state_class": "measurement",
             "availability_topic": AVAILABILITY.under(prefix),
             "payload_available": "online",
             "payload_not_available": "offline",
             "device": device,
             "origin": {"name": "cellseg", "sw_version": __version__},
         }
-        where = DISCOVERY.name.replace("<discovery_prefix>", discovery_prefix).replace("<node>", node)
-        messages.append((where.replace("<key>", key), json.dumps(body)))
+        where = (DISCOVERY.name.replace("<discovery_prefix>", discovery_prefix).replace("<component>", component)
+                 .replace("<node>", node).replace("<key>", key))  # fmt: skip
+        messages.append((where, json.dumps(body)))
     return messages

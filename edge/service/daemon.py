@@ -33,12 +33,13 @@ from cellseg.edge.capture.from_config import make_source
 from cellseg.edge.config import Config
 from cellseg.edge.engines.registry import BACKENDS, Backend
 from cellseg.edge.errors import CellsegError, CommandError, SpoolFullError
+from cellseg.edge.growth.tracker import GrowthTracker
 from cellseg.edge.pipeline.contract import FrameResult
 from cellseg.edge.pipeline.overlay import draw_overlay
-from cellseg.edge.pipeline.types import Frame
+from cellseg.edge.pipeline.types import Frame, Measurement
 from cellseg.edge.service import contract
 from cellseg.edge.service.commands import Command, FlashRequest, ReloadRequest, SnapshotRequest, parse_command
-from cellseg.edge.service.contract import CONFLUENCE, COUNT, MEASUREMENT, STATE, DaemonState, reply
+from cellseg.edge.service.contract import CONFLUENCE, COUNT, EVENT, GROWTH, MEASUREMENT, STATE, DaemonState, reply
 from cellseg.edge.service.engine_keeper import EngineKeeper
 from cellseg.edge.service.liveness import Liveness
 from cellseg.edge.service.publisher import MqttPublisher
@@ -69,6 +70,7 @@ class _Run:
     spool: Spool
     engines: EngineKeeper
     publisher: MqttPublisher | None
+    growth: GrowthTracker | None
 
 
 class Daemon:
@@ -130,11 +132,13 @@ class Daemon:
         engines = EngineKeeper(c, self.backends)
         engines.load()
         self._take_error(engines)
-        run = _Run(spool, engines, None)
+        growth = GrowthTracker(c) if c.growth.enabled else None
+        run = _Run(spool, engines, None, growth)
         if c.mqtt.enabled:
             client_id = c.mqtt.client_id or f"cellseg-{c.device_id}"
             publisher = MqttPublisher(c.mqtt, c.topic_prefix, client_id, spool, liveness=self.liveness,
-                                      max_silence_s=self.max_silence_s)  # fmt: skip
+                                      max_silence_s=self.max_silence_s,
+                                      growth_series=growth.default_series if growth else None)  # fmt: skip
             publisher.on_command = lambda name, payload: self._accept_command(publisher, name, payload)
             publisher.start()
             run.publisher = publisher
@@ -178,6 +182,8 @@ class Daemon:
             engines.close()
             if run.publisher is not None:
                 run.publisher.stop()
+            if growth is not None:
+                growth.close()
             spool.close()
         return self.exit_code
 
@@ -257,7 +263,8 @@ class Daemon:
             self.last_error = f"{sf.frame.source}: unexpected {type(e).__name__}: {e}"
             logger.exception("%s", self.last_error)
             return
-        record = contract.measurement_payload(result.measurement, running.opened.engine.precision)
+        series = run.growth.series_of(result.measurement.source) if run.growth else None
+        record = contract.measurement_payload(result.measurement, running.opened.engine.precision, series)
         seq = self._spool(run, record, sf.done_key)
         if seq is None:
             return
@@ -268,6 +275,7 @@ class Daemon:
             run.publisher.publish_retained(CONFLUENCE, contract.confluence_payload(result.measurement))
             if self.measured % 10 == 1:
                 self._publish_state(run, run.publisher)
+        self._grow(run, result.measurement)
         if overlay_due and overlay.dir is not None:
             import cv2
 
@@ -278,6 +286,30 @@ class Daemon:
         if self.echo is not None:
             self.echo(record)
         self.notifier.status(f"{self.measured} measured; last {record['count']} cells, {record['confluence_pct']:.1f}%")
+
+    def _grow(self, run: _Run, m: Measurement) -> None:
+        """The measurement into its series' history, the refitted growth published (retained),
+        and a passage-due event through the spool, so that it survives an outage."""
+        if run.growth is None:
+            return
+        try:
+            update = run.growth.observe(m)
+        except CellsegError as e:
+            self.last_error = f"growth of {m.source}: {e}"
+            logger.error("%s", self.last_error)
+            return
+        except Exception as e:  # a fit that trips a bug must not stop the measuring
+            self.last_error = f"growth of {m.source}: unexpected {type(e).__name__}: {e}"
+            logger.exception("%s", self.last_error)
+            return
+        name = contract.safe_series(update.series)
+        if update.passage_due_at is not None:
+            event = contract.passage_due_event(update.series, update.passage_due_at, m.confluence_pct)
+            run.spool.put(EVENT.under(self.config.topic_prefix), event.encode())
+            logger.warning("series %s is due for passage (%.1f %% confluence)", update.series, m.confluence_pct)
+        if run.publisher is not None:
+            run.publisher.publish_retained(GROWTH, contract.growth_payload(update.series, update.fit), name)
+            run.publisher.notify_spooled()
 
     def _spool(self, run: _Run, record: dict[str, Any], done_key: str | None) -> int | None:
         """Into the spool with the next sequence number (and the file's done-mark), in one

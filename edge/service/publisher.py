@@ -84,6 +84,7 @@ class MqttPublisher:
             messages on ``<prefix>/cmd/<name>``.
         liveness: where the network and sender threads report progress (default: a private one).
         max_silence_s: how long either may go without progress before it counts as stalled.
+        growth_series: the series whose growth Home Assistant discovery offers (None: none).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class MqttPublisher:
         *,
         liveness: Liveness | None = None,
         max_silence_s: float = 60.0,
+        growth_series: str | None = None,
     ) -> None:
         self.config = config
         self.prefix = prefix
@@ -115,6 +117,7 @@ class MqttPublisher:
         self._network: threading.Thread | None = None
         self.liveness = liveness or Liveness()
         self.max_silence_s = max_silence_s
+        self.growth_series = growth_series  # whose growth Home Assistant discovery shows
         # The latest value of each retained topic, published again on every (re)connection.
         self._retained: dict[str, str | bytes] = {}
 
@@ -186,12 +189,13 @@ class MqttPublisher:
         """Tell the sender that the spool has something new."""
         self._wake.set()
 
-    def publish_retained(self, topic: Topic, payload: str | bytes) -> None:
-        """Latest-value topics (count, confluence, state): retained, not spooled. The value is
-        kept and published again on every (re)connection."""
-        self._retained[topic.under(self.prefix)] = payload
+    def publish_retained(self, topic: Topic, payload: str | bytes, name: str = "") -> None:
+        """Latest-value topics (count, confluence, state, growth of a series ``name``): retained,
+        not spooled. The value is kept and published again on every (re)connection."""
+        full = topic.under(self.prefix, name)
+        self._retained[full] = payload
         if self.connected.is_set():
-            self.client.publish(topic.under(self.prefix), payload, qos=topic.qos, retain=True)
+            self.client.publish(full, payload, qos=topic.qos, retain=True)
 
     def publish_reply(self, command: str, payload: bytes) -> None:
         """A command's answer on ``cmd/<name>/result``."""
@@ -277,7 +281,8 @@ class MqttPublisher:
         for topic, payload in list(self._retained.items()):  # newer than what the broker retained
             client.publish(topic, payload, qos=1, retain=True)
         if self.config.homeassistant_discovery:
-            for topic, payload in contract.discovery_messages(self.prefix, self.config.discovery_prefix):
+            for topic, payload in contract.discovery_messages(self.prefix, self.config.discovery_prefix,
+                                                              self.growth_series):  # fmt: skip
                 client.publish(topic, payload, qos=contract.DISCOVERY.qos, retain=True)
         client.subscribe(COMMAND.under(self.prefix, "+"), qos=COMMAND.qos)
         self.connected.set()

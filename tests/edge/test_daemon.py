@@ -249,7 +249,9 @@ def test_demo_can_announce_itself_to_home_assistant(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         # Home Assistant starting later finds the sensors: the discovery messages are retained.
         sub = Subscriber(broker.host, broker.port, "homeassistant/#")
-        topics = {f"homeassistant/sensor/cellseg_demo/{key}/config" for key in ("count", "confluence")}
+        topics = {f"homeassistant/sensor/cellseg_demo/{key}/config"
+                  for key in ("count", "confluence", "doubling_time", "passage_eta")}  # fmt: skip
+        topics.add("homeassistant/binary_sensor/cellseg_demo/passage_due/config")
         assert sub.wait_for(lambda: {t for t, _, retained in sub.messages if retained} == topics), sub.messages
         sub.close()
     finally:

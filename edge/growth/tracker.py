@@ -1,0 +1,60 @@
+"""The daemon's growth bookkeeping: each measurement into its series' history, the series
+refitted, and what to publish (the fit; a ``passage_due`` event the first time a segment
+reaches the target confluence).
+
+A frame's series is the ``(?P<series>...)`` group of ``growth.series_from_name`` on its file
+name, else ``growth.series``, else the device id. Its time is when it was taken; a frame with
+no acquisition time (a recorded video) is placed at its processing time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cellseg.edge.config import Config
+from cellseg.edge.growth.history import History, Point
+from cellseg.edge.growth.model import GrowthSettings, fit_growth
+from cellseg.edge.pipeline.types import Measurement
+
+
+@dataclass(frozen=True)
+class GrowthUpdate:
+    series: str
+    fit: dict[str, Any]
+    passage_due_at: float | None  # set once per segment: when it first reached the target
+
+
+class GrowthTracker:
+    def __init__(self, config: Config) -> None:
+        g = config.growth
+        self.default_series = g.series or config.device_id
+        self._pattern = re.compile(g.series_from_name) if g.series_from_name else None
+        self.settings = GrowthSettings(target_confluence_pct=g.target_confluence_pct)
+        self.history = History(config.state_dir / "history.sqlite", g.history_days)
+        self._announced: dict[str, float] = {}  # series -> segment start whose passage_due was sent
+
+    def series_of(self, source: str) -> str:
+        if self._pattern is not None:
+            m = self._pattern.search(Path(source).name)
+            if m is not None and m.group("series"):
+                return m.group("series")
+        return self.default_series
+
+    def observe(self, m: Measurement) -> GrowthUpdate:
+        """Store ``m`` in its series and refit the series."""
+        series = self.series_of(m.source)
+        at = m.acquired_at if m.acquired_at is not None else m.timestamp
+        self.history.add(Point(series, at, m.count, m.confluence_pct, m.seq, m.source))
+        t, counts, confluence = self.history.arrays(series)
+        fit = fit_growth(t, counts, confluence, self.settings)
+        due_at = None
+        if fit.passage_due and fit.segment_start is not None and self._announced.get(series) != fit.segment_start:
+            self._announced[series] = fit.segment_start
+            due_at = at
+        return GrowthUpdate(series, fit.to_dict(), due_at)
+
+    def close(self) -> None:
+        self.history.close()
