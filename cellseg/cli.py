@@ -120,6 +120,7 @@ def _device_commands(sub: _Commands) -> None:
     gr.add_argument("--target-confluence", type=float, default=70.0, metavar="PCT",
                     help="confluence at which the culture is due for passage (default 70)")  # fmt: skip
     gr.add_argument("--plot", type=Path, metavar="FILE.png", help="draw counts, confluence, the fit and the ETA")
+    gr.add_argument("--html", type=Path, metavar="FILE.html", help="one self-contained report page of every series")
     hi = sub.add_parser("history", help="the device's measurement history, per series")
     hi_sub = hi.add_subparsers(dest="history_command", required=True, metavar="ACTION")
     ex = hi_sub.add_parser("export", help="write the history as JSON lines (default) or CSV, for cellseg growth")
@@ -466,7 +467,7 @@ def _cmd_growth(args: argparse.Namespace) -> int:
     from cellseg.edge.tools.growth import run_growth
 
     settings = GrowthSettings(target_confluence_pct=args.target_confluence)
-    return run_growth(list(args.inputs), settings, as_json=args.json, plot=args.plot)
+    return run_growth(list(args.inputs), settings, as_json=args.json, plot=args.plot, report=args.html)
 
 
 def _cmd_history(args: argparse.Namespace) -> int:

@@ -3,8 +3,10 @@ fit with its 95 % band, the segments (passages), the target confluence and the p
 
 from __future__ import annotations
 
+import io
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import numpy.typing as npt
@@ -18,16 +20,30 @@ def _band(curve: Curve, t: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.floa
     return np.percentile(values, 2.5, axis=0), np.percentile(values, 97.5, axis=0)
 
 
+def png_of(
+    fit: GrowthFit,
+    times: npt.NDArray[np.float64],
+    counts: npt.NDArray[np.float64],
+    confluence_pct: npt.NDArray[np.float64],
+    title: str = "",
+) -> bytes:
+    """The picture as PNG bytes (for ``cmd/growth_plot`` and the HTML report)."""
+    buffer = io.BytesIO()
+    plot_growth(fit, times, counts, confluence_pct, buffer, title=title)
+    return buffer.getvalue()
+
+
 def plot_growth(
     fit: GrowthFit,
     times: npt.NDArray[np.float64],
     counts: npt.NDArray[np.float64],
     confluence_pct: npt.NDArray[np.float64],
-    path: Path,
+    path: Path | IO[bytes],
     *,
     title: str = "",
 ) -> None:
-    """Write the picture of one series' fit to ``path`` (PNG, SVG or PDF by its suffix)."""
+    """Write the picture of one series' fit to ``path`` (PNG, SVG or PDF by its suffix; a
+    binary stream gets PNG)."""
     try:
         import matplotlib
 
@@ -81,5 +97,5 @@ def plot_growth(
     ax_conf.set_xlabel("acquisition time (UTC)")
     doubling = f"doubling time {fit.doubling_time_h:.1f} h" if fit.doubling_time_h else fit.reason
     ax_count.set_title(f"{title + ': ' if title else ''}{fit.status}; {doubling}", fontsize=11)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, format=None if isinstance(path, Path) else "png")
     plt.close(fig)

@@ -48,7 +48,13 @@ class FlashRequest(_Request):
     sha256: str = Field(..., pattern=r"^[0-9a-fA-F]{64}$", description="the bundle file's sha256")
 
 
-SCHEMAS: dict[str, type[_Request]] = {"snapshot": SnapshotRequest, "reload": ReloadRequest, "flash": FlashRequest}
+class GrowthPlotRequest(_Request):
+    series: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="whose growth to draw (default: the device's series)")  # fmt: skip
+
+
+SCHEMAS: dict[str, type[_Request]] = {"snapshot": SnapshotRequest, "reload": ReloadRequest, "flash": FlashRequest,
+                                      "growth_plot": GrowthPlotRequest}  # fmt: skip
 
 
 @dataclass(frozen=True)

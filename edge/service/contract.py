@@ -55,15 +55,20 @@ STATE = Topic(
     "JSON: engine (id, backend, precision, slot), version, uptime, fps, spool depth, last flash, last error",
 )  # fmt: skip
 SNAPSHOT = Topic("snapshot", False, 0, "JPEG overlay of the last frame, on request (`cmd/snapshot`)")
+GROWTH_PLOT = Topic("growth_plot/<series>", False, 0, "PNG of a series' growth curve, on request (`cmd/growth_plot`)")
 GROWTH = Topic(
     "growth/<series>", True, 1,
     "JSON per series, after each measurement: status, doubling_time_h with doubling_time_ci95_h, growth_rate_per_h, "
     "passage_eta (ISO 8601) with passage_eta_ci95, passage_due, target_confluence_pct, segment_start, n_points",
 )  # fmt: skip
 EVENT = Topic("event", False, 1, "JSON events: `passage_due` (series, at, confluence_pct) once per segment")
-COMMAND = Topic("cmd/<name>", False, 1, "commands (`flash`, `snapshot`, `reload`): a flat JSON object, validated")
+COMMAND = Topic(
+    "cmd/<name>", False, 1,
+    "commands (`flash`, `snapshot`, `reload`, `growth_plot`): a flat JSON object, validated",
+)  # fmt: skip
 COMMAND_RESULT = Topic("cmd/<name>/result", False, 1, "JSON reply: the request's `id`, `ok`, `error` when refused")
-TOPICS = (AVAILABILITY, MEASUREMENT, COUNT, CONFLUENCE, STATE, GROWTH, EVENT, SNAPSHOT, COMMAND, COMMAND_RESULT)
+TOPICS = (AVAILABILITY, MEASUREMENT, COUNT, CONFLUENCE, STATE, GROWTH, EVENT, SNAPSHOT, GROWTH_PLOT, COMMAND,
+          COMMAND_RESULT)  # fmt: skip
 # Home Assistant discovery (optional), under its own prefix, retained, QoS 1.
 DISCOVERY = Topic(
     "<discovery_prefix>/<component>/<node>/<key>/config", True, 1,

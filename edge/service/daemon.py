@@ -33,13 +33,32 @@ from cellseg.edge.capture.from_config import make_source
 from cellseg.edge.config import Config
 from cellseg.edge.engines.registry import BACKENDS, Backend
 from cellseg.edge.errors import CellsegError, CommandError, SpoolFullError
+from cellseg.edge.growth.model import fit_growth
 from cellseg.edge.growth.tracker import GrowthTracker
 from cellseg.edge.pipeline.contract import FrameResult
 from cellseg.edge.pipeline.overlay import draw_overlay
 from cellseg.edge.pipeline.types import Frame, Measurement
 from cellseg.edge.service import contract
-from cellseg.edge.service.commands import Command, FlashRequest, ReloadRequest, SnapshotRequest, parse_command
-from cellseg.edge.service.contract import CONFLUENCE, COUNT, EVENT, GROWTH, MEASUREMENT, STATE, DaemonState, reply
+from cellseg.edge.service.commands import (
+    Command,
+    FlashRequest,
+    GrowthPlotRequest,
+    ReloadRequest,
+    SnapshotRequest,
+    parse_command,
+)
+from cellseg.edge.service.contract import (
+    CONFLUENCE,
+    COUNT,
+    EVENT,
+    GROWTH,
+    GROWTH_PLOT,
+    MEASUREMENT,
+    SNAPSHOT,
+    STATE,
+    DaemonState,
+    reply,
+)
 from cellseg.edge.service.engine_keeper import EngineKeeper
 from cellseg.edge.service.liveness import Liveness
 from cellseg.edge.service.publisher import MqttPublisher
@@ -111,6 +130,7 @@ class Daemon:
             SnapshotRequest: self._snapshot,
             FlashRequest: self._flash,
             ReloadRequest: self._reload,
+            GrowthPlotRequest: self._growth_plot,
         }
 
     def request_stop(self, *_: object) -> None:
@@ -380,8 +400,29 @@ class Daemon:
         if not ok:
             publisher.publish_reply("snapshot", reply(request.id, False, "JPEG encoding failed"))
             return
-        publisher.publish_snapshot(jpeg.tobytes())
+        publisher.publish_picture(SNAPSHOT, jpeg.tobytes())
         publisher.publish_reply("snapshot", reply(request.id, True, seq=last.seq, bytes=len(jpeg)))
+
+    def _growth_plot(self, run: _Run, publisher: MqttPublisher, request: GrowthPlotRequest) -> None:
+        if run.growth is None:
+            publisher.publish_reply("growth_plot", reply(request.id, False, "growth is off (growth.enabled: false)"))
+            return
+        series = request.series or run.growth.default_series
+        t, counts, confluence = run.growth.history.arrays(series)
+        if len(t) == 0:
+            known = ", ".join(run.growth.history.series()) or "none yet"
+            publisher.publish_reply("growth_plot", reply(request.id, False, f"no measurements in series {series!r} "
+                                                         f"(series: {known})"))  # fmt: skip
+            return
+        try:
+            from cellseg.edge.growth.plot import png_of
+
+            png = png_of(fit_growth(t, counts, confluence, run.growth.settings), t, counts, confluence, title=series)
+        except CellsegError as e:  # matplotlib missing: the reply says which extra brings it
+            publisher.publish_reply("growth_plot", reply(request.id, False, str(e)))
+            return
+        publisher.publish_picture(GROWTH_PLOT, png, contract.safe_series(series))
+        publisher.publish_reply("growth_plot", reply(request.id, True, series=series, bytes=len(png), points=len(t)))
 
     def _publish_state(self, run: _Run, publisher: MqttPublisher) -> None:
         state = DaemonState(

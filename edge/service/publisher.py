@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from cellseg.edge.config import MqttConfig, read_secret, secret_location
 from cellseg.edge.errors import DependencyError
 from cellseg.edge.service import contract
-from cellseg.edge.service.contract import AVAILABILITY, COMMAND, COMMAND_RESULT, MEASUREMENT, SNAPSHOT, Topic
+from cellseg.edge.service.contract import AVAILABILITY, COMMAND, COMMAND_RESULT, MEASUREMENT, Topic
 from cellseg.edge.service.liveness import Liveness
 from cellseg.edge.service.spool import Spool
 
@@ -201,9 +201,9 @@ class MqttPublisher:
         """A command's answer on ``cmd/<name>/result``."""
         self.client.publish(COMMAND_RESULT.under(self.prefix, command), payload, qos=COMMAND_RESULT.qos)
 
-    def publish_snapshot(self, jpeg: bytes) -> None:
-        """The overlay picture asked for by a snapshot command."""
-        self.client.publish(SNAPSHOT.under(self.prefix), jpeg, qos=SNAPSHOT.qos)
+    def publish_picture(self, topic: Topic, picture: bytes, name: str = "") -> None:
+        """A picture asked for by a command (the snapshot, a growth plot): not retained."""
+        self.client.publish(topic.under(self.prefix, name), picture, qos=topic.qos)
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():

@@ -140,12 +140,15 @@ def run_growth(
     *,
     as_json: bool = False,
     plot: Path | None = None,
+    report: Path | None = None,
     out: IO[str] | None = None,
     warn: IO[str] | None = None,
 ) -> int:
-    """Fit each series in ``paths``; print the fits (text or one JSON object per series)."""
+    """Fit each series in ``paths``; print the fits (text or one JSON object per series), draw
+    them (``plot``) and write one HTML page of them all (``report``)."""
     out, warn = out or sys.stdout, warn or sys.stderr
     series = read_records(paths, warn)
+    entries: list[tuple[str, dict[str, Any], bytes | None]] = []
     for name, records in series.items():
         t = np.array([r.at for r in records])
         counts = np.array([r.count for r in records])
@@ -160,4 +163,12 @@ def run_growth(
 
             target = plot if len(series) == 1 else plot.with_name(f"{plot.stem}-{name}{plot.suffix}")
             plot_growth(fit, t, counts, conf, target, title=name if len(series) > 1 else "")
+        if report is not None:
+            from cellseg.edge.growth.plot import png_of
+
+            entries.append((name, fit.to_dict(), png_of(fit, t, counts, conf, title=name)))
+    if report is not None:
+        from cellseg.edge.growth.report import html_report
+
+        report.write_text(html_report(entries, [str(p) for p in paths]))
     return 0

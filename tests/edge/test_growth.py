@@ -180,3 +180,17 @@ def test_the_t98g_time_lapse_from_frames_to_the_plot(data_root: Path, tmp_path: 
     assert fit["reason"] == "needs at least 6 frames over 6 h in the series; has 12 over 1.9 h"
     assert fit["segment_start"] == "2018-01-01T08:10:12.000+00:00" and fit["doubling_time_h"] is None
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 20_000
+
+
+def test_an_html_report_holds_everything_in_one_file(tmp_path: Path) -> None:
+    s = synthetic(24.0, 0.04, seed=12, passage=True)
+    rows = [{"acquired_at": iso_time(t), "count": c, "confluence_pct": f, "series": "flask-1"}
+            for t, c, f in zip(s.t, s.count, s.confluence, strict=True)]  # fmt: skip
+    source = tmp_path / "history.jsonl"
+    source.write_text(_lines(rows))
+    page = tmp_path / "report.html"
+    run_growth([source], GrowthSettings(), report=page, out=io.StringIO(), warn=io.StringIO())
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "Series flask-1" in text
+    assert "data:image/png;base64," in text and "src='http" not in text  # self-contained
+    assert "<th>doubling time (h)</th><td>2" in text and "<td class='status'>growing</td>" in text

@@ -141,3 +141,40 @@ def test_a_series_pattern_without_its_group_is_refused(pattern: str) -> None:
     with pytest.raises(ConfigError, match="series_from_name"):
         parse_config({"device_id": "x", "source": {"kind": "images", "images": ["a.png"]},
                       "growth": {"series_from_name": pattern}})  # fmt: skip
+
+
+def test_a_growth_plot_on_request_over_mqtt(data_root: Path, tmp_path: Path) -> None:
+    """cmd/growth_plot, like the snapshot: the PNG of the series' curve on growth_plot/<series>
+    and a reply; a series with no measurements gets a reason, and measuring goes on."""
+    frames = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))[:4]
+    broker = Broker(tmp_path)
+    broker.start()
+    daemon: Daemon | None = None
+    runner: threading.Thread | None = None
+    try:
+        sub = Subscriber(broker.host, broker.port, f"{PREFIX}/#")
+        daemon = Daemon(parse_config({
+            "device_id": "scope-h", "state_dir": str(tmp_path / "state"), "model": str(SHIPPED_MODEL),
+            "source": {"kind": "images", "images": [str(p) for p in frames], "loop": True, "interval_s": 0.5},
+            "mqtt": {"host": broker.host, "port": broker.port},
+        }))  # fmt: skip
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+        assert sub.wait_for(lambda: len(sub.payloads(f"{PREFIX}/growth/scope-h")) >= 2, timeout=60)
+        sub.client.publish(f"{PREFIX}/cmd/growth_plot", b'{"id": "p1"}', qos=1)
+        sub.client.publish(f"{PREFIX}/cmd/growth_plot", b'{"id": "p2", "series": "B7"}', qos=1)
+        assert sub.wait_for(lambda: len(sub.payloads(f"{PREFIX}/cmd/growth_plot/result")) == 2, timeout=60)
+        replies = {r["id"]: r for r in map(json.loads, sub.payloads(f"{PREFIX}/cmd/growth_plot/result"))}
+        assert replies["p1"]["ok"] and replies["p1"]["series"] == "scope-h" and replies["p1"]["points"] >= 2
+        assert not replies["p2"]["ok"] and "no measurements in series 'B7'" in replies["p2"]["error"]
+        png = sub.payloads(f"{PREFIX}/growth_plot/scope-h")[-1]
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) == replies["p1"]["bytes"]
+        measured = len(sub.payloads(f"{PREFIX}/measurement"))
+        assert sub.wait_for(lambda: len(sub.payloads(f"{PREFIX}/measurement")) > measured, timeout=30)
+        sub.close()
+    finally:
+        if daemon is not None:
+            daemon.request_stop()
+        if runner is not None:
+            runner.join(timeout=30)
+        broker.stop()
