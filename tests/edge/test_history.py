@@ -116,7 +116,7 @@ def test_the_daemon_keeps_history_publishes_growth_and_exports_it(data_root: Pat
     finally:
         broker.stop()
     exported = tmp_path / "history.jsonl"
-    subprocess.run([sys.executable, "-m", "cellseg", "history", "export", "--config", str(config_file), "-o",
+    subprocess.run([sys.executable, "-m", "cellseg", "history", "export", "--config", str(config_file), "--jsonl", "-o",
                     str(exported)], check=True, timeout=120)  # fmt: skip
     rows = [json.loads(line) for line in exported.read_text().splitlines()]
     assert len(rows) == 12 and rows[0]["acquired_at"] == "2018-01-01T08:10:12.000+00:00"
