@@ -43,9 +43,8 @@ class GrowthTracker:
                 return m.group("series")
         return self.default_series
 
-    def observe(self, m: Measurement) -> GrowthUpdate:
-        """Store ``m`` in its series and refit the series."""
-        series = self.series_of(m.source)
+    def observe(self, m: Measurement, series: str) -> GrowthUpdate:
+        """Store ``m`` in ``series`` (:meth:`series_of` its source) and refit the series."""
         at = m.acquired_at if m.acquired_at is not None else m.timestamp
         self.history.add(Point(series, at, m.count, m.confluence_pct, m.seq, m.source))
         t, counts, confluence = self.history.arrays(series)

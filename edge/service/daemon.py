@@ -295,7 +295,8 @@ class Daemon:
             run.publisher.publish_retained(CONFLUENCE, contract.confluence_payload(result.measurement))
             if self.measured % 10 == 1:
                 self._publish_state(run, run.publisher)
-        self._grow(run, result.measurement)
+        if series is not None:
+            self._grow(run, result.measurement, series)
         if overlay_due and overlay.dir is not None:
             import cv2
 
@@ -307,13 +308,13 @@ class Daemon:
             self.echo(record)
         self.notifier.status(f"{self.measured} measured; last {record['count']} cells, {record['confluence_pct']:.1f}%")
 
-    def _grow(self, run: _Run, m: Measurement) -> None:
+    def _grow(self, run: _Run, m: Measurement, series: str) -> None:
         """The measurement into its series' history, the refitted growth published (retained),
         and a passage-due event through the spool, so that it survives an outage."""
         if run.growth is None:
             return
         try:
-            update = run.growth.observe(m)
+            update = run.growth.observe(m, series)
         except CellsegError as e:
             self.last_error = f"growth of {m.source}: {e}"
             logger.error("%s", self.last_error)

@@ -61,7 +61,8 @@ def test_the_tracker_fits_each_series_and_announces_a_passage_once_per_segment(t
                            "growth": {"series_from_name": "well_(?P<series>[A-H][0-9]+)_"}})  # fmt: skip
     tracker = GrowthTracker(config)
     rate = math.log(2) / 20.0
-    updates = [tracker.observe(_measurement(i, h, 12.0 * math.exp(rate * h))) for i, h in enumerate(range(0, 58, 2))]
+    measurements = [_measurement(i, h, 12.0 * math.exp(rate * h)) for i, h in enumerate(range(0, 58, 2))]
+    updates = [tracker.observe(m, tracker.series_of(m.source)) for m in measurements]
     assert {u.series for u in updates} == {"A1"}
     last = updates[-1].fit
     assert last["status"] == "growing" and abs(last["doubling_time_h"] / 20.0 - 1) < 0.01
