@@ -18,7 +18,8 @@ or one command, anything else a bug it logs with its traceback).
     ├── KernelBuildError     the CUDA kernels do not compile for this GPU (NVRTC's log)
     │   └── NvrtcMissingError    no NVRTC library on this machine
     ├── SpoolError           the measurement spool cannot be opened or written
-    │   └── SpoolFullError       full, and its policy is to stop measuring
+    │   ├── SpoolFullError       full, and its policy is to stop measuring
+    │   └── HistoryError         the measurement history (growth) cannot be opened or written
     └── CommandError         an MQTT command was refused; the reason goes back to the sender
 
 FrameError and ContractError are ValueErrors too (they are bad values). Causes are chained
@@ -103,6 +104,10 @@ class SpoolError(CellsegError):
 
 class SpoolFullError(SpoolError):
     """The spool holds ``max_messages`` and its policy is ``stop_measuring``."""
+
+
+class HistoryError(SpoolError):
+    """The measurement history (per series, for growth fits) cannot be opened or written."""
 
 
 class CommandError(CellsegError):

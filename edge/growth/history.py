@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cellseg.edge.capture.acquisition import iso_time
-from cellseg.edge.errors import SpoolError
+from cellseg.edge.errors import HistoryError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
@@ -65,7 +65,7 @@ class History:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as e:
-            raise SpoolError(f"cannot open the measurement history {path}: {e}") from e
+            raise HistoryError(f"cannot open the measurement history {path}: {e}") from e
         self._cache: dict[str, list[Point]] = {}
 
     def add(self, point: Point) -> None:
@@ -82,7 +82,7 @@ class History:
         except sqlite3.Error as e:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            raise SpoolError(f"cannot write the measurement history {self.path}: {e}") from e
+            raise HistoryError(f"cannot write the measurement history {self.path}: {e}") from e
         points = self._points(point.series)
         kept = [p for p in points if p.acquired_at != point.acquired_at and p.acquired_at >= cutoff]
         kept.append(point)
