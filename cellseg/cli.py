@@ -20,6 +20,15 @@ from cellseg.edge.errors import CellsegError
 logger = logging.getLogger("cellseg")
 
 
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    from cellseg.edge.engines.registry import AUTO, BACKENDS
+
+    p.add_argument("--backend", default=None, choices=[AUTO, *BACKENDS],
+                   help="inference backend (default: auto, or the configuration's)")  # fmt: skip
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="float precision where the backend offers one (OpenVINO: bf16 on CPUs with it)")  # fmt: skip
+
+
 def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conf", type=float, help="confidence threshold (default: the model's)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default: the model's)")
@@ -142,6 +151,7 @@ def _device_commands(sub: _Commands) -> None:
     pr.add_argument("--labels", type=Path, help="write 16-bit instance label images to this folder")
     pr.add_argument("--labels-format", choices=["png", "tif"], default="png")
     pr.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in µm²")
+    _add_backend_args(pr)
     tm = pr.add_argument_group("acquisition times (when the image metadata has none; else the file's mtime)")
     tm.add_argument(
         "--time-from-name",
@@ -260,6 +270,9 @@ def _engine_slot_commands(sub: _Commands) -> None:
         "--config", type=Path, help="time the engine this device's daemon runs (flashed slot, backend, thresholds)"
     )
     be.add_argument("--runs", type=int, default=5, help="passes over the frames")
+    _add_backend_args(be)
+    be.add_argument("--compare", action="store_true",
+                    help="every backend and precision this machine has, side by side on the same frames")  # fmt: skip
     be.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -453,6 +466,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         max_det=args.max_det,
         pixel_size_um=args.pixel_size,
         threads=args.threads,
+        backend=args.backend or "auto",
+        precision=args.precision or "fp32",
         acquired=acquisition_rule(
             NamePattern(args.time_from_name, args.time_format, args.frame_interval, args.time_start)
             if args.time_from_name
@@ -745,11 +760,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("cellseg bench: error: --config and --model name the engine twice; give one", file=sys.stderr)
         return 2
     config = load_config(args.config) if args.config is not None else None
+    if args.compare:
+        from cellseg.edge.tools.benchmark import compare_backends, format_comparison
+
+        if config is not None:
+            print(
+                "cellseg bench: error: --compare times a model file (--model), not a device's engine", file=sys.stderr
+            )
+            return 2
+        rows = compare_backends(args.model or default_model(), images, runs=args.runs, threads=args.threads)
+        print(json.dumps([row.to_dict() for row in rows]) if args.json else format_comparison(rows))
+        return 0
     if config is not None:
         candidates = configured_candidates(store_for(config.state_dir), config.fallback_model)
-        opened, _, _ = open_first(candidates, config.engine.backend, args.threads or config.engine.threads)
+        opened, _, _ = open_first(
+            candidates, args.backend or config.engine.backend, args.threads or config.engine.threads,
+            compute=args.precision or config.engine.precision,
+        )  # fmt: skip
     else:
-        opened = open_engine(args.model or default_model(), threads=args.threads)
+        opened = open_engine(args.model or default_model(), args.backend or "auto", args.threads,
+                             compute=args.precision or "fp32")  # fmt: skip
     try:
         print(f"engine: {opened.describe()}", file=sys.stderr)
         report = run_bench(opened.engine, images, runs=args.runs, pipeline=pipeline_for(opened, config))

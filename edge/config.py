@@ -31,7 +31,12 @@ class EngineConfig(_Section):
         "auto",
         description="a backend's name (onnxruntime, tensorrt), or 'auto': the backend that runs the engine at hand",
     )
-    threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime threads (default: all cores)")
+    threads: int | None = Field(None, ge=1, le=256, description="CPU inference threads (default: all cores)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="float precision where the backend offers a choice (OpenVINO: bf16 on CPUs with it); "
+        "INT8 comes from a Q/DQ model, TensorRT's precision from its bundle",
+    )
 
     @field_validator("backend")
     @classmethod

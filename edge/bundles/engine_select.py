@@ -69,7 +69,12 @@ def engine_kind(path: Path) -> tuple[str, Path, Manifest | None]:
 
 
 def open_engine(
-    path: Path, backend: str = AUTO, threads: int | None = None, backends: Mapping[str, Backend] = BACKENDS
+    path: Path,
+    backend: str = AUTO,
+    threads: int | None = None,
+    backends: Mapping[str, Backend] = BACKENDS,
+    *,
+    compute: str = "fp32",
 ) -> OpenedEngine:
     """Load the engine at ``path`` and warm it up.
 
@@ -78,6 +83,7 @@ def open_engine(
         backend: ``auto`` or a backend's name (the config's ``engine.backend``).
         threads: intra-op threads for CPU backends.
         backends: the backend table (default: every built-in backend).
+        compute: the float precision (``engine.precision``) where the backend has a choice.
     """
     kind, model_file, manifest = engine_kind(path)
     chosen = choose_backend(kind, backend, path, backends)
@@ -86,6 +92,7 @@ def open_engine(
         info=slot_model_info(manifest, path) if manifest is not None else None,
         precision=manifest.engine.precision if manifest is not None else None,
         threads=threads,
+        compute=compute,
     )
     engine = chosen.engine(described)
     engine.load()
@@ -113,12 +120,14 @@ def open_first(
     backend: str = AUTO,
     threads: int | None = None,
     backends: Mapping[str, Backend] = BACKENDS,
+    *,
+    compute: str = "fp32",
 ) -> tuple[OpenedEngine, str | None, list[str]]:
     """The first candidate that loads, its slot name, and why the ones before it did not."""
     errors: list[str] = []
     for target, path in candidates:
         try:
-            return open_engine(path, backend, threads, backends), target, errors
+            return open_engine(path, backend, threads, backends, compute=compute), target, errors
         except CellsegError as e:
             reason = str(e) if str(path) in str(e) else f"{path}: {e}"  # most errors name the path already
             errors.append(reason)

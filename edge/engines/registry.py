@@ -36,6 +36,7 @@ class EngineFile:
     info: ModelInfo | None = None
     precision: str | None = None
     threads: int | None = None
+    compute: str = "fp32"  # the float precision asked for (engine.precision), where a backend has a choice
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,16 @@ class Backend:
 def _onnxruntime_engine(file: EngineFile) -> Engine:
     from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
 
+    if file.compute != "fp32":
+        raise ConfigError(f"ONNX Runtime computes in fp32 (INT8 from a Q/DQ model), not {file.compute}; "
+                          "engine.backend: openvino offers bf16")  # fmt: skip
     return OnnxRuntimeEngine(file.path, threads=file.threads)
+
+
+def _openvino_engine(file: EngineFile) -> Engine:
+    from cellseg.edge.engines.openvino_engine import OpenVinoEngine
+
+    return OpenVinoEngine(file.path, precision=file.compute, threads=file.threads)
 
 
 def host_pipeline(engine: Engine, settings: PipelineSettings) -> Pipeline:
@@ -96,6 +106,7 @@ BACKENDS: Mapping[str, Backend] = MappingProxyType({
     for b in (
         Backend("onnxruntime", ("onnx",), _onnxruntime_engine, host_pipeline),
         Backend("tensorrt", ("tensorrt",), _tensorrt_engine, _cuda_pipeline),
+        Backend("openvino", ("onnx",), _openvino_engine, host_pipeline),
     )
 })  # fmt: skip
 

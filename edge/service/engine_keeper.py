@@ -97,7 +97,7 @@ class EngineKeeper:
             logger.info("removed unfinished or superseded engine files: %s", ", ".join(removed))
         c = self.config
         opened, target, errors = open_first(configured_candidates(self.store, c.fallback_model), c.engine.backend,
-                                            c.engine.threads, self.backends)  # fmt: skip
+                                            c.engine.threads, self.backends, compute=c.engine.precision)  # fmt: skip
         self._use(opened, target if target is not None else self.store.active_target())
         if errors:
             self.last_error = "fell back to another engine: " + "; ".join(errors)
@@ -180,7 +180,8 @@ class EngineKeeper:
             return None
         c = self.config
         try:
-            self._use(open_engine(slot, c.engine.backend, c.engine.threads, self.backends), target)
+            self._use(open_engine(slot, c.engine.backend, c.engine.threads, self.backends, compute=c.engine.precision),
+                      target)  # fmt: skip
         except CellsegError as e:
             # Do not retry every frame; the error stays reported.
             self._running = Running(self.running.opened, self.running.pipeline, target)

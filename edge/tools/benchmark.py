@@ -102,3 +102,77 @@ def run_bench(
         cells_per_frame=statistics.median(cells),
         engine_images_per_s=pipeline.engine_rate(frames[0], n) if engine_alone else 0.0,
     )
+
+
+# What ``cellseg bench --compare`` tries, in this order; the first is the reference of the ratios.
+CANDIDATES = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
+
+
+@dataclass
+class Comparison:
+    """One backend and precision on the same frames as the others: its speed, or why it could
+    not run here; and how far its counts are from the reference's, frame by frame."""
+
+    backend: str
+    precision: str
+    report: BenchReport | None = None
+    unavailable: str = ""
+    ratio: float = 0.0  # images/s over the reference's
+    max_count_diff: int = 0
+    mean_confluence_diff_pp: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "report"}
+        out["report"] = self.report.to_dict() if self.report is not None else None
+        return out
+
+
+def compare_backends(model: Path, images: list[Path], runs: int = 3, threads: int | None = None) -> list[Comparison]:
+    """Each of :data:`CANDIDATES` this machine has, timed on ``images``; the counts and
+    confluence of each compared frame by frame with the first's."""
+    from cellseg.edge.bundles.engine_select import open_engine, pipeline_for
+    from cellseg.edge.errors import CellsegError
+
+    frames = [Frame(read_image(p), source=str(p)) for p in images]
+    rows: list[Comparison] = []
+    reference: list[tuple[int, float]] | None = None
+    for backend, precision in CANDIDATES:
+        row = Comparison(backend, precision)
+        rows.append(row)
+        try:
+            opened = open_engine(model, backend, threads, compute=precision)
+        except CellsegError as e:
+            row.unavailable = str(e)
+            continue
+        try:
+            pipeline = pipeline_for(opened)
+            measured = [(m.count, m.confluence_pct) for m in (pipeline(f).measurement for f in frames)]
+            row.report = run_bench(opened.engine, images, runs=runs, pipeline=pipeline, engine_alone=False)
+        finally:
+            opened.engine.close()
+        if reference is None:
+            reference = measured
+        row.max_count_diff = max(abs(a[0] - b[0]) for a, b in zip(measured, reference, strict=True))
+        row.mean_confluence_diff_pp = statistics.fmean(
+            abs(a[1] - b[1]) for a, b in zip(measured, reference, strict=True)
+        )
+        first = rows[0].report
+        row.ratio = row.report.images_per_s / first.images_per_s if first is not None else 0.0
+    return rows
+
+
+def format_comparison(rows: list[Comparison]) -> str:
+    head = (f"{'backend':<12}{'precision':>10}{'images/s':>10}{'ms/image':>10}{'ratio':>8}"
+            f"{'max |Δcount|':>14}{'mean |Δconfl.| pp':>19}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.report is None:
+            lines.append(f"{r.backend:<12}{r.precision:>10}  not here: {r.unavailable}")
+            continue
+        lines.append(f"{r.backend:<12}{r.report.precision:>10}{r.report.images_per_s:>10.2f}{r.report.ms_per_image:>10.1f}"
+                     f"{r.ratio:>8.2f}{r.max_count_diff:>14d}{r.mean_confluence_diff_pp:>19.3f}")  # fmt: skip
+    first = next((r.report for r in rows if r.report is not None), None)
+    if first is not None:
+        lines.append(f"\n{first.frames} frames x {first.runs} runs on {first.device}; ratio and differences against "
+                     f"the first row")  # fmt: skip
+    return "\n".join(lines)

@@ -58,6 +58,8 @@ class PredictOptions:
     pixel_size_um: float | None = None
     threads: int | None = None
     acquired: Callable[[Path], Acquired] = acquisition_time  # when each image was taken
+    backend: str = "auto"  # a backend of the table, or auto (ONNX Runtime for an ONNX model)
+    precision: str = "fp32"  # the float precision, where the backend has a choice
 
 
 def expand_inputs(inputs: Sequence[str]) -> Iterator[Path]:
@@ -94,15 +96,15 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
     out = out or sys.stdout
     import cv2
 
-    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
-    from cellseg.edge.pipeline.host import HostPipeline
+    from cellseg.edge.bundles.engine_select import open_engine
+    from cellseg.edge.engines.registry import PipelineSettings
     from cellseg.edge.pipeline.overlay import draw_overlay
 
-    engine = OnnxRuntimeEngine(model, threads=options.threads)
-    engine.load()
+    opened = open_engine(model, options.backend, options.threads, compute=options.precision)
+    engine = opened.engine
     try:
         config = engine.info.thresholds.overridden(conf=options.conf, iou=options.iou, max_det=options.max_det)
-        predictor = HostPipeline(engine, config, options.pixel_size_um)
+        predictor = opened.backend.pipeline(engine, PipelineSettings(config, options.pixel_size_um))
         for folder in (options.overlay_dir, options.labels_dir):
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,7 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
             decode_ms = (time.perf_counter() - t0) * 1e3
             frame = file_frame(pixels, path, seq, options.acquired)
             try:
-                result = predictor(frame)
+                result = predictor(frame, want_masks=True)
             except CellsegError as e:
                 failures += 1
                 _error_line(out, options.output_format, str(path), str(e))

@@ -35,7 +35,7 @@ def test_auto_takes_the_first_backend_that_runs_the_kind_and_a_named_one_must_ru
     with pytest.raises(ConfigError, match="'opencv-dnn' but slot holds a TensorRT engine"):
         choose_backend("tensorrt", "opencv-dnn", "slot", table)
     with pytest.raises(ConfigError, match="not a backend"):
-        choose_backend("onnx", "openvino", "m.onnx", table)
+        choose_backend("onnx", "coreml", "m.onnx", table)
 
 
 def test_a_new_backend_measures_what_onnx_runtime_does(shipped_model: Path, usiigaci: Path) -> None:
