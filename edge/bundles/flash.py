@@ -53,6 +53,7 @@ class FlashSettings:
     backend: str = "auto"
     threads: int | None = None
     schemes: tuple[str, ...] = ALLOWED_SCHEMES  # URL schemes flash_url may fetch
+    compute: str = "fp32"  # engine.precision: the flashed engine is self-tested, and then run, at it
 
 
 @dataclass
@@ -167,7 +168,7 @@ def install(bundle_path: Path, store: SlotStore, settings: FlashSettings, keep_e
     try:
         extract_verified(verified, partial)
         try:
-            opened = open_engine(partial, settings.backend, settings.threads)
+            opened = open_engine(partial, settings.backend, settings.threads, compute=settings.compute)
         except BundleError:
             raise
         except Exception as e:  # a plan or model the runtime rejects is a refusal, not a crash
@@ -237,4 +238,5 @@ def settings_for(config: Config, facts: DeviceFacts | None = None, *, remote: bo
         backend=config.engine.backend,
         threads=config.engine.threads,
         schemes=schemes,
+        compute=config.engine.precision,
     )

@@ -171,8 +171,9 @@ def check_engine(config: Config, path: Path) -> list[Check]:
     store = store_for(config.state_dir)
     try:
         opened, _, errors = open_first(
-            configured_candidates(store, config.fallback_model), config.engine.backend, config.engine.threads
-        )
+            configured_candidates(store, config.fallback_model), config.engine.backend, config.engine.threads,
+            compute=config.engine.precision,
+        )  # fmt: skip
     except CellsegError as e:
         fix = f"cellseg install-model --config {path} (the shipped model as a slot), or flash a bundle"
         if config.model is not None:
