@@ -105,6 +105,7 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
     try:
         config = engine.info.thresholds.overridden(conf=options.conf, iou=options.iou, max_det=options.max_det)
         predictor = opened.backend.pipeline(engine, PipelineSettings(config, options.pixel_size_um))
+        want_masks = options.overlay_dir is not None or options.labels_dir is not None  # else they may stay on a GPU
         for folder in (options.overlay_dir, options.labels_dir):
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
             decode_ms = (time.perf_counter() - t0) * 1e3
             frame = file_frame(pixels, path, seq, options.acquired)
             try:
-                result = predictor(frame, want_masks=True)
+                result = predictor(frame, want_masks=want_masks)
             except CellsegError as e:
                 failures += 1
                 _error_line(out, options.output_format, str(path), str(e))
