@@ -68,15 +68,20 @@ def test_without_an_errno_the_same_filter_kills_import_numpy(filtered: list[str]
     assert _python(killing, "import numpy").returncode == SIGSYS
 
 
-def test_predict_under_the_filter_finds_what_it_finds_without_it(filtered: list[str], data_root: Path) -> None:
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_predict_under_the_filter_finds_what_it_finds_without_it(
+    filtered: list[str], data_root: Path, backend: str
+) -> None:
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="needs the openvino extra")
     frame = data_root / "t98g_timelapse" / "frames" / "20180101ef002xy01t03.tif"
-    command = [sys.executable, "-m", "cellseg", "predict", str(frame), "--json"]
+    command = [sys.executable, "-m", "cellseg", "predict", str(frame), "--json", "--backend", backend]
     free = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     boxed = subprocess.run([*filtered, *command], capture_output=True, text=True, timeout=120, check=False)
     assert boxed.returncode == 0, boxed.stderr[-2000:]
     a, b = json.loads(free.stdout), json.loads(boxed.stdout)
     assert (a["count"], a["confluence_pct"]) == (b["count"], b["confluence_pct"]) and a["count"] > 0
-    # Nothing complains on stderr: ONNX Runtime no longer tries to pin threads (sched_setaffinity).
+    # Nothing complains on stderr: neither engine tries to pin threads (sched_setaffinity).
     assert "error" not in boxed.stderr.lower(), boxed.stderr
 
 
