@@ -16,7 +16,7 @@ from typing import Any
 
 from cellseg.edge.config import Config
 from cellseg.edge.growth.history import History, Point
-from cellseg.edge.growth.model import GrowthSettings, fit_growth
+from cellseg.edge.growth.model import GrowthFit, GrowthSettings, fit_growth
 from cellseg.edge.pipeline.types import Measurement
 
 
@@ -47,13 +47,27 @@ class GrowthTracker:
         """Store ``m`` in ``series`` (:meth:`series_of` its source) and refit the series."""
         at = m.acquired_at if m.acquired_at is not None else m.timestamp
         self.history.add(Point(series, at, m.count, m.confluence_pct, m.seq, m.source))
-        t, counts, confluence = self.history.arrays(series)
-        fit = fit_growth(t, counts, confluence, self.settings)
+        fit = self._fit(series)[0]
         due_at = None
         if fit.passage_due and fit.segment_start is not None and self._announced.get(series) != fit.segment_start:
             self._announced[series] = fit.segment_start
             due_at = at
         return GrowthUpdate(series, fit.to_dict(), due_at)
+
+    def _fit(self, series: str) -> tuple[GrowthFit, Any, Any, Any]:
+        """The fit of ``series``' history, and the (times, counts, confluences) it was made from."""
+        t, counts, confluence = self.history.arrays(series)
+        return fit_growth(t, counts, confluence, self.settings), t, counts, confluence
+
+    def picture(self, series: str) -> tuple[bytes, int] | None:
+        """The PNG of ``series``' growth and how many measurements it shows; None when it has none.
+        DependencyError without matplotlib."""
+        fit, t, counts, confluence = self._fit(series)
+        if len(t) == 0:
+            return None
+        from cellseg.edge.growth.plot import png_of
+
+        return png_of(fit, t, counts, confluence, title=series), len(t)
 
     def close(self) -> None:
         self.history.close()

@@ -33,7 +33,6 @@ from cellseg.edge.capture.from_config import make_source
 from cellseg.edge.config import Config
 from cellseg.edge.engines.registry import BACKENDS, Backend
 from cellseg.edge.errors import CellsegError, CommandError, SpoolFullError
-from cellseg.edge.growth.model import fit_growth
 from cellseg.edge.growth.tracker import GrowthTracker
 from cellseg.edge.pipeline.contract import FrameResult
 from cellseg.edge.pipeline.overlay import draw_overlay
@@ -409,21 +408,19 @@ class Daemon:
             publisher.publish_reply("growth_plot", reply(request.id, False, "growth is off (growth.enabled: false)"))
             return
         series = request.series or run.growth.default_series
-        t, counts, confluence = run.growth.history.arrays(series)
-        if len(t) == 0:
+        try:
+            drawn = run.growth.picture(series)
+        except CellsegError as e:  # matplotlib missing: the reply says which extra brings it
+            publisher.publish_reply("growth_plot", reply(request.id, False, str(e)))
+            return
+        if drawn is None:
             known = ", ".join(run.growth.history.series()) or "none yet"
             publisher.publish_reply("growth_plot", reply(request.id, False, f"no measurements in series {series!r} "
                                                          f"(series: {known})"))  # fmt: skip
             return
-        try:
-            from cellseg.edge.growth.plot import png_of
-
-            png = png_of(fit_growth(t, counts, confluence, run.growth.settings), t, counts, confluence, title=series)
-        except CellsegError as e:  # matplotlib missing: the reply says which extra brings it
-            publisher.publish_reply("growth_plot", reply(request.id, False, str(e)))
-            return
+        png, points = drawn
         publisher.publish_picture(GROWTH_PLOT, png, contract.safe_series(series))
-        publisher.publish_reply("growth_plot", reply(request.id, True, series=series, bytes=len(png), points=len(t)))
+        publisher.publish_reply("growth_plot", reply(request.id, True, series=series, bytes=len(png), points=points))
 
     def _publish_state(self, run: _Run, publisher: MqttPublisher) -> None:
         state = DaemonState(
