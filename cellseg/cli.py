@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _training_commands(sub)
+    _cv_command(sub)
     _device_commands(sub)
     _build_commands(sub)
     _engine_slot_commands(sub)
@@ -118,6 +119,31 @@ def _training_commands(sub: _Commands) -> None:
     ex.add_argument("--conf", type=float, default=0.25, help="default confidence shipped with the model")
     ex.add_argument("--iou", type=float, default=0.7, help="default NMS IoU shipped with the model")
     ex.add_argument("--max-det", type=int, default=1000, help="default max detections shipped with the model")
+
+
+def _cv_command(sub: _Commands) -> None:
+    cv = sub.add_parser(
+        "cv",
+        help="K-fold cross-validation of a training recipe over every annotated frame, folds grouped by field",
+    )
+    cv.add_argument("--data", type=Path, help="dataset data.yaml (its splits are pooled)")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--recipe", type=Path, help="recipe YAML (default: the seed recipe, YOLOv9c-seg)")
+    cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field (repeatable)")  # fmt: skip
+    cv.add_argument("--run", type=Path, help="CV run folder; a run started again continues where it stopped")
+    cv.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    cv.add_argument(
+        "--field-pattern",
+        metavar="REGEX",
+        help="the field of a frame from its file name (a 'field' group, else the match); default: from the pixels",
+    )
+    cv.add_argument("--fold", type=int, action="append", default=[], help="run only this fold (repeatable)")
+    cv.add_argument("--threads", type=int, help="threads for evaluation (default: all cores)")
+    cv.add_argument("--json", type=Path, dest="json_out", help="also write the report as JSON to this file")
+    cv.add_argument(
+        "--compare", type=Path, nargs="+", metavar="RUN", help="print the table of finished CV runs, one row each"
+    )
 
 
 def _device_commands(sub: _Commands) -> None:
@@ -310,6 +336,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "data": _cmd_data,
         "train": _cmd_train,
         "eval": _cmd_eval,
+        "cv": _cmd_cv,
         "export": _cmd_export,
         "predict": _cmd_predict,
         "growth": _cmd_growth,
@@ -412,6 +439,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(report.format())
     if args.json_out:
         write_json(report, args.json_out)
+    return 0
+
+
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from cellseg.training.cross_validation import cross_validate, format_candidates, load_report
+    from cellseg.training.recipe import load_recipe
+
+    if args.compare:
+        print(format_candidates([load_report(run) for run in args.compare]))
+        return 0
+    if args.data is None or args.run is None:
+        print("cellseg cv: error: --data and --run are needed (or --compare RUN...)", file=sys.stderr)
+        return 2
+    saved = args.run / "recipe.yaml"
+    if saved.is_file() and not (args.recipe or args.overrides):
+        recipe = load_recipe(saved)  # continuing a run: its own recipe
+    else:
+        recipe = load_recipe(args.recipe, args.overrides)
+    report = cross_validate(
+        args.data, recipe, args.folds, args.run, seed=args.seed, field_pattern=args.field_pattern,
+        only=args.fold, threads=args.threads,
+    )  # fmt: skip
+    print(report.format())
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report.to_dict(), indent=2))
     return 0
 
 

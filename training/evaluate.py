@@ -67,6 +67,9 @@ class SplitReport:
     count_mae: float
     count_mape_pct: float
     confluence_mae_pp: float
+    # Mask P, R and F1 at IoU 0.5 of the detections above the operating confidence: how many
+    # of the device's reported cells are real cells, and how many real cells it reports.
+    instance: dict[str, float] = field(default_factory=dict)
     per_image: list[ImageResult] = field(default_factory=list)
     sweep: list[SweepRow] = field(default_factory=list)
 
@@ -88,7 +91,8 @@ class EvalReport:
     def format(self) -> str:
         head = (
             f"{'split':<6}{'images':>7}{'cells':>7} | {'box P':>6}{'R':>7}{'mAP50':>7}{'50-95':>7} | "
-            f"{'mask P':>6}{'R':>7}{'mAP50':>7}{'50-95':>7} | {'count MAE':>9}{'MAPE%':>7}{'confl. MAE pp':>14}"
+            f"{'mask P':>6}{'R':>7}{'mAP50':>7}{'50-95':>7} | {'count MAE':>9}{'MAPE%':>7}{'confl. MAE pp':>14} | "
+            f"{'F1@.5':>6}"
         )
         lines = [f"model {self.model}, data {self.data}", head, "-" * len(head)]
         for s in self.splits:
@@ -96,8 +100,13 @@ class EvalReport:
             lines.append(
                 f"{s.split:<6}{s.images:>7}{s.instances:>7} | {b['P']:>6.3f}{b['R']:>7.3f}{b['mAP50']:>7.3f}"
                 f"{b['mAP50-95']:>7.3f} | {m['P']:>6.3f}{m['R']:>7.3f}{m['mAP50']:>7.3f}{m['mAP50-95']:>7.3f} | "
-                f"{s.count_mae:>9.2f}{s.count_mape_pct:>7.1f}{s.confluence_mae_pp:>14.2f}"
+                f"{s.count_mae:>9.2f}{s.count_mape_pct:>7.1f}{s.confluence_mae_pp:>14.2f} | "
+                f"{s.instance.get('F1', float('nan')):>6.3f}"
             )
+        lines.append(
+            "(F1@.5: mask instance F1 at IoU 0.5 of the cells reported at the operating confidence "
+            f"{self.operating_conf})"
+        )
         lines.append("")
         lines.append(f"per image (operating confidence {self.operating_conf}):")
         lines.append(f"  {'image':<28}{'gt':>5}{'pred':>6}{'err':>6}{'gt conf%':>10}{'pred conf%':>11}{'err pp':>8}")
@@ -241,7 +250,7 @@ def evaluate(
                 if keep_predictions:
                     triples.append((str(image_path), gt, pred))
             kept[split] = triples
-            report = _split_report(split, acc, at_conf[op_conf])
+            report = _split_report(split, acc, at_conf[op_conf], op_conf)
             report.sweep = [SweepRow(conf, *_count_errors(at_conf[conf])) for conf in sorted(set(sweep))]
             reports.append(report)
     return EvalReport(str(model), str(data_yaml), op_conf, reports), kept
@@ -268,7 +277,9 @@ def _count_errors(per_image: list[ImageResult]) -> tuple[float, float, float]:
     return float(abs_err.mean()), float(100 * (abs_err / np.maximum(gt, 1)).mean()), float(confluence.mean())
 
 
-def _split_report(split: str, acc: dict[str, list[Accumulator]], per_image: list[ImageResult]) -> SplitReport:
+def _split_report(
+    split: str, acc: dict[str, list[Accumulator]], per_image: list[ImageResult], op_conf: float
+) -> SplitReport:
     def summary(accs: list[Accumulator]) -> dict[str, float]:
         aps = np.array([a.average_precision() for a in accs if a.n_gt > 0])
         prs = np.array([a.precision_recall_at_best_f1()[:2] for a in accs if a.n_gt > 0])
@@ -283,6 +294,9 @@ def _split_report(split: str, acc: dict[str, list[Accumulator]], per_image: list
         }
 
     mae, mape, confluence_mae = _count_errors(per_image)
+    # Averaged over the classes that have ground truth, like mAP.
+    prf = np.array([a.f1_at(op_conf) for a in acc["mask"] if a.n_gt > 0]).reshape(-1, 3)
+    instance = dict(zip(("P", "R", "F1"), (float(v) for v in prf.mean(axis=0)), strict=True)) if len(prf) else {}
     return SplitReport(
         split=split,
         images=len(per_image),
@@ -292,6 +306,7 @@ def _split_report(split: str, acc: dict[str, list[Accumulator]], per_image: list
         count_mae=mae,
         count_mape_pct=mape,
         confluence_mae_pp=confluence_mae,
+        instance=instance,
         per_image=per_image,
     )
 

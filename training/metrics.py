@@ -147,6 +147,24 @@ class Accumulator:
             ap[t] = q.mean()
         return ap
 
+    def f1_at(self, conf: float) -> tuple[float, float, float]:
+        """(P, R, F1) at IoU 0.5 of the detections scoring above ``conf``: the instance F1 of
+        what the device reports at that operating confidence.
+
+        Exact from matches made down to a lower confidence: greedy matching takes detections in
+        descending score order, so the matches of those above ``conf`` never depend on the rest.
+        """
+        if self.n_gt == 0:
+            return float("nan"), float("nan"), float("nan")
+        scores, tp = self._sorted()
+        kept = scores > conf
+        n_tp = int(np.count_nonzero(tp[0][kept]))
+        n_det = int(np.count_nonzero(kept))
+        precision = n_tp / n_det if n_det else 0.0
+        recall = n_tp / self.n_gt
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        return precision, recall, f1
+
     def precision_recall_at_best_f1(self) -> tuple[float, float, float]:
         """(P, R, confidence) at the confidence maximising F1 at IoU 0.5."""
         if self.n_gt == 0:

@@ -61,6 +61,11 @@ class Recipe(BaseModel):
     overlap_mask: bool = Field(True, description="merge instance masks for the loss (ultralytics default)")
     mask_ratio: int = Field(4, ge=1, le=16, description="mask downsample ratio for the loss")
     plots: bool = Field(True, description="write training plots")
+    val: bool = Field(
+        True,
+        description="validate on the val split every epoch (cross-validation turns it off: its held-out "
+        "fold must not choose the epoch)",
+    )
     device: str = Field("cpu", description="'cpu', or a CUDA device index such as '0'")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
 

@@ -105,6 +105,7 @@ def test_eval_command_prints_the_table_and_writes_json(
     data = json.loads(out_json.read_text())
     assert [s["split"] for s in data["splits"]] == ["val"]  # the dataset has no test split
     assert set(data["splits"][0]["mask"]) == {"P", "R", "mAP50", "mAP50-95"}
+    assert set(data["splits"][0]["instance"]) == {"P", "R", "F1"} and "F1@.5" in out
 
 
 def test_the_confidence_sweep_equals_evaluating_at_each_confidence(
@@ -149,3 +150,42 @@ def test_eval_command_sweeps_the_operating_confidence(
         main(["eval", str(shipped_model), "--data", data, "--sweep-conf", "0.5:0.3:0.1"])
     assert exc.value.code == 2
     assert "need 0 < START <= STOP < 1" in capsys.readouterr().err
+
+
+def test_instance_f1_is_the_one_to_one_matching_of_the_reported_cells(evaluated: tuple[EvalReport, list[Any]]) -> None:
+    """F1 at IoU 0.5 of the cells kept at the operating confidence, checked by an optimal assignment
+    (scipy's Hungarian solver on the pixel IoU) computed here from the raw masks."""
+    from scipy.optimize import linear_sum_assignment
+
+    from cellseg.training.metrics import mask_iou
+
+    report, triples = evaluated
+    conf = report.operating_conf
+    tp = n_pred = n_gt = 0
+    for _, gt, pred in triples:
+        kept = pred.select(np.flatnonzero(pred.scores > conf))
+        iou = mask_iou(kept, gt)
+        rows, cols = linear_sum_assignment(-iou)
+        tp += int(np.count_nonzero(iou[rows, cols] >= 0.5))
+        n_pred, n_gt = n_pred + len(kept), n_gt + len(gt)
+    precision, recall = tp / n_pred, tp / n_gt
+    instance = report.splits[0].instance
+    assert instance["P"] == pytest.approx(precision) and instance["R"] == pytest.approx(recall)
+    assert instance["F1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert 0.3 < instance["F1"] < 1.0, "the shipped model finds most val cells and not all of them"
+    # The recall of the reported cells is what the count error says it is: the model undercounts.
+    assert recall < 1 - report.splits[0].count_mae / (n_gt / 5) + 0.1
+
+
+def test_instance_f1_of_hand_made_cases() -> None:
+    from cellseg.training.metrics import Accumulator, image_matches
+    from tests.training.test_metrics import _inst
+
+    gt = _inst([(0, 0, 10, 10), (20, 20, 30, 30), (40, 40, 50, 50)])
+    # Two cells found (0.9, 0.6), one false positive (0.8), one cell found only at 0.2.
+    pred = _inst([(0, 0, 10, 10), (60, 60, 70, 70), (20, 20, 30, 30), (40, 40, 50, 50)], [0.9, 0.8, 0.6, 0.2])
+    acc = Accumulator()
+    acc.add(*image_matches(gt, pred, 0, "mask"))
+    assert acc.f1_at(0.5) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert acc.f1_at(0.1) == pytest.approx((3 / 4, 1.0, 6 / 7))
+    assert acc.f1_at(0.95) == (0.0, 0.0, 0.0)

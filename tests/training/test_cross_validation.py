@@ -1,0 +1,123 @@
+"""``cellseg cv`` on real frames: fields found from the pixels, folds that never split a field, and a
+small real CV that is interrupted and continued."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cellseg.cli import main
+from cellseg.edge.errors import ConfigError
+from cellseg.training.cross_validation import assign_folds, cross_validate, load_report, pool_dataset
+from cellseg.training.fields import field_groups, groups_by_name
+from cellseg.training.recipe import load_recipe
+
+
+def test_a_time_lapse_is_one_field_and_other_sets_are_their_own(data_root: Path) -> None:
+    """The 12 T98G frames (10 minutes apart, one field) are one field; Usiigaci train set1 is the
+    same image as the time-lapse's first frame, so it joins them; the five val sets are apart."""
+    t98g = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))
+    usiigaci = data_root / "usiigaci"
+    others = [usiigaci / "val" / f"set{i}" / "raw.tif" for i in range(46, 51)]
+    frames = [*t98g, usiigaci / "train" / "set1" / "raw.tif", *others]
+    groups = field_groups(frames, progress=False)
+    assert len(t98g) == 12
+    assert set(groups[:13]) == {groups[0]}, groups
+    assert len(set(groups[13:])) == 5 and groups[0] not in groups[13:], groups
+
+
+def test_fields_from_the_file_name(data_root: Path) -> None:
+    t98g = sorted((data_root / "t98g_timelapse" / "frames").glob("*.tif"))
+    names = [*t98g, Path("20180101ef002xy02t01.tif")]
+    assert groups_by_name(names, r"xy(?P<field>\d+)t") == [0] * 12 + [1]
+    with pytest.raises(ConfigError, match=r"does not match set7\.png"):
+        groups_by_name([Path("set7.png")], r"xy(?P<field>\d+)")
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        groups_by_name(names, r"xy(")
+
+
+def test_folds_keep_fields_whole_and_sizes_even() -> None:
+    groups = [0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    cells = [50] * len(groups)
+    folds = assign_folds(groups, cells, 3, seed=0)
+    for g in set(groups):
+        assert len({folds[i] for i, gi in enumerate(groups) if gi == g}) == 1, f"field {g} straddles folds"
+    sizes = [folds.count(f) for f in range(3)]
+    assert sorted(sizes) == [4, 5, 5], sizes
+    assert assign_folds(groups, cells, 3, seed=0) == folds, "the same seed deals the same folds"
+    assert any(assign_folds(groups, cells, 3, seed=s) != folds for s in range(1, 6))
+    with pytest.raises(ConfigError, match="3 fields cannot make 4 folds"):
+        assign_folds([0, 0, 1, 2], [1, 1, 1, 1], 4)
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        assign_folds(groups, cells, 1)
+
+
+def _small_dataset(usiigaci_dataset: Path, dest: Path) -> Path:
+    """Eight real frames (six train, two val) as links, to keep the CV below a minute."""
+    chosen = {"train": ["set1", "set2", "set3", "set4", "set5", "set6"], "val": ["set46", "set47"]}
+    for split, names in chosen.items():
+        for sub, ext in (("images", ".png"), ("labels", ".txt")):
+            (dest / sub / split).mkdir(parents=True)
+            for name in names:
+                (dest / sub / split / f"{name}{ext}").symlink_to(usiigaci_dataset / sub / split / f"{name}{ext}")
+    (dest / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": ["cell"]}))
+    return dest / "data.yaml"
+
+
+@pytest.mark.slow
+def test_a_real_cv_interrupted_and_continued(
+    usiigaci_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _small_dataset(usiigaci_dataset, tmp_path / "ds")
+    run = tmp_path / "cv"
+    tiny = ["epochs=1", "imgsz=160", "plots=false", "workers=0"]
+    recipe = load_recipe(Path("usiigaci-yolo11n-seg-cpu.yaml"), tiny)
+
+    # A first session gets through fold 1 only.
+    first = cross_validate(data, recipe, 2, run, only=[1], progress=False)
+    assert [f.fold for f in first.folds] == [1]
+    fold1_result = run / "fold1" / "result.json"
+    written = fold1_result.stat().st_mtime_ns
+
+    plan = json.loads((run / "folds.json").read_text())
+    assert plan["groups"] == 8 and len(plan["images"]) == 8
+    for fold in (1, 2):
+        held = {Path(p["image"]).name for p in plan["images"] if p["fold"] == fold}
+        train_dir = run / "fold1" / "data" / "images" / "train"
+        if fold == 1:
+            trained_on = {p.name for p in train_dir.iterdir()}
+            assert held and not held & trained_on, "a held-out frame was trained on"
+            assert len(held | trained_on) == 8
+        assert 3 <= len(held) <= 5
+
+    # Continuing with another recipe is refused: its folds would mix two models.
+    with pytest.raises(ConfigError, match="another recipe"):
+        cross_validate(data, load_recipe(Path("usiigaci-yolo11n-seg-cpu.yaml"), [*tiny, "lr0=0.01"]), 2, run)
+    with pytest.raises(ConfigError, match="2-fold CV with seed 0"):
+        cross_validate(data, recipe, 3, run)
+
+    # The next session, through the command: fold 1 is kept, fold 2 is run, the table printed.
+    code = main(["cv", "--data", str(data), "--folds", "2", "--run", str(run), "--json", str(tmp_path / "cv.json")])
+    assert code == 0
+    assert fold1_result.stat().st_mtime_ns == written, "a finished fold was run again"
+    report = load_report(run)
+    assert [f.fold for f in report.folds] == [1, 2]
+    assert sorted(name for f in report.folds for name in f.images) == sorted(p.image.name for p in pool_dataset(data))
+    for f in report.folds:
+        assert f.epochs == 1 and f.train_seconds > 0
+        assert 0.2 <= f.conf <= 0.7
+        assert f.cells == sum(r["gt_count"] for r in f.per_image)
+        assert set(f.metrics) >= {"count_mape_pct", "confluence_mae_pp", "mask_map50", "mask_map50_95", "instance_f1"}
+    out = capsys.readouterr().out
+    assert "cv: 2 of 2 folds, 8 fields" in out and "mean ± sd" in out
+    saved = json.loads((tmp_path / "cv.json").read_text())
+    assert saved["summary"]["count_mape_pct"]["mean"] == pytest.approx(
+        sum(f.metrics["count_mape_pct"] for f in report.folds) / 2
+    )
+
+    assert main(["cv", "--compare", str(run), str(run)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("cv ") == 2 and "2/2" in table

@@ -1,0 +1,361 @@
+"""``cellseg cv``: K-fold cross-validation of one training recipe over every annotated frame.
+
+Five validation frames cannot tell two models apart (a cell or two moves the count error by a
+point), so model decisions are taken here instead. The frames of every split of a dataset are
+pooled, grouped by field (:mod:`cellseg.training.fields`) and dealt into K folds of about equal
+size, a field never on both sides. For each fold, in ``<run>/fold<k>/``:
+
+1. train the recipe on the other folds, with no validation during training: the held-out fold
+   must not choose the epoch, so the model is the last epoch's;
+2. export it to ONNX (checked against PyTorch as every export is);
+3. choose its operating confidence by the smallest count error on its own training frames, as
+   the shipped model's was chosen;
+4. evaluate the held-out fold at that confidence with the device's pipeline (``cellseg eval``).
+
+Each fold's result is written as it finishes (``fold<k>/result.json``); a run started again skips
+finished folds and resumes an interrupted training from its last epoch, so a CV can span sessions.
+The report gives every fold and the mean and sample standard deviation over folds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cellseg.edge.errors import ConfigError, DatasetError
+from cellseg.training.evaluate import SplitReport, evaluate, split_images
+from cellseg.training.fields import field_groups
+from cellseg.training.recipe import Recipe, load_recipe
+from cellseg.training.yolo_dataset import SPLITS, load_data_yaml
+
+logger = logging.getLogger(__name__)
+
+# The confidences tried on each fold's training frames (0.20, 0.21, ..., 0.70).
+CONF_SWEEP = tuple(round(0.2 + 0.01 * i, 2) for i in range(51))
+# What the report averages over folds, with the SplitReport field each comes from.
+METRICS = {
+    "count_mape_pct": "count MAPE %",
+    "count_mae": "count MAE",
+    "confluence_mae_pp": "confl. MAE pp",
+    "mask_map50": "mask mAP50",
+    "mask_map50_95": "mask mAP50-95",
+    "instance_f1": "F1@.5",
+}
+
+
+@dataclass(frozen=True)
+class PoolImage:
+    """One annotated frame of the pooled dataset."""
+
+    image: Path
+    label: Path
+    split: str  # the split it came from in the source dataset
+    cells: int
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    images: list[str]
+    cells: int
+    conf: float
+    metrics: dict[str, float]
+    train_seconds: float
+    epochs: int
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class CvReport:
+    name: str
+    recipe: dict[str, Any]
+    data: str
+    folds_total: int
+    groups: int
+    folds: list[FoldResult]
+
+    def summary(self) -> dict[str, tuple[float, float]]:
+        """Mean and sample standard deviation over the finished folds, per metric."""
+        out = {}
+        for key in METRICS:
+            values = [f.metrics[key] for f in self.folds if not math.isnan(f.metrics[key])]
+            if values:
+                spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+                out[key] = (statistics.fmean(values), spread)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "summary": {k: {"mean": m, "std": s} for k, (m, s) in self.summary().items()}}
+
+    def format(self) -> str:
+        lines = [
+            f"{self.name}: {len(self.folds)} of {self.folds_total} folds, {self.groups} fields, data {self.data}",
+            f"{'fold':>5}{'images':>7}{'cells':>7}{'conf':>6}{'epochs':>7}{'train s':>9} | "
+            + "".join(f"{label:>15}" for label in METRICS.values()),
+        ]
+        lines.append("-" * len(lines[-1]))
+        for f in self.folds:
+            lines.append(
+                f"{f.fold:>5}{len(f.images):>7}{f.cells:>7}{f.conf:>6.2f}{f.epochs:>7}{f.train_seconds:>9.0f} | "
+                + "".join(f"{f.metrics[k]:>15.3f}" for k in METRICS)
+            )
+        summary = self.summary()
+        lines.append(
+            f"{'mean ± sd':>41} | " + "".join(f"{_pm(*summary[k]) if k in summary else '-':>15}" for k in METRICS)
+        )
+        return "\n".join(lines)
+
+
+def _pm(mean: float, spread: float) -> str:
+    return f"{mean:.3f}±{spread:.3f}" if not math.isnan(spread) else f"{mean:.3f}"
+
+
+def pool_dataset(data_yaml: Path) -> list[PoolImage]:
+    """Every annotated frame of every split of a YOLO dataset."""
+    from cellseg.training.yolo_dataset import read_label_file
+
+    data = load_data_yaml(data_yaml)
+    pooled = []
+    for split in SPLITS:
+        for image, label in split_images(data, split):
+            # Only the count is needed here; the size does not change it.
+            cells = len(read_label_file(label, 1, 1)) if label.is_file() else 0
+            pooled.append(PoolImage(image, label, split, cells))
+    names = [p.image.name for p in pooled]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{data_yaml}: image names repeat across splits, so folds could not keep them apart")
+    return pooled
+
+
+def assign_folds(groups: Sequence[int], cells: Sequence[int], k: int, *, seed: int = 0) -> list[int]:
+    """A fold (0..k-1) per image: whole groups, dealt so that folds have about equal numbers of
+    frames (and of cells, as the tie-break). Groups are taken largest first, in a seeded order
+    among equals, each into the fold with the fewest frames so far."""
+    n_groups = len(set(groups))
+    if k < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {k}")
+    if n_groups < k:
+        raise ConfigError(f"{n_groups} fields cannot make {k} folds (a field is never split); use --folds {n_groups}")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = sorted(members)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))  # stable: the shuffle decides among equal sizes
+    size, load = [0] * k, [0] * k
+    fold_of = [0] * len(groups)
+    for g in order:
+        target = min(range(k), key=lambda f: (size[f], load[f], f))
+        for i in members[g]:
+            fold_of[i] = target
+        size[target] += len(members[g])
+        load[target] += sum(cells[i] for i in members[g])
+    return fold_of
+
+
+def write_fold_dataset(
+    pooled: Sequence[PoolImage], fold_of: Sequence[int], fold: int, out: Path, names: list[str]
+) -> Path:
+    """A dataset whose val split is the fold and whose train split is the rest, as symbolic links
+    (the frames are not copied); returns its data.yaml."""
+    for split in ("train", "val"):
+        for sub in ("images", "labels"):
+            (out / sub / split).mkdir(parents=True, exist_ok=True)
+    for p, f in zip(pooled, fold_of, strict=True):
+        split = "val" if f == fold else "train"
+        for src, sub in ((p.image, "images"), (p.label, "labels")):
+            link = out / sub / split / src.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            if src.is_file():
+                link.symlink_to(src.resolve())
+    data_yaml = out / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": names}))
+    return data_yaml
+
+
+def cross_validate(
+    data_yaml: Path,
+    recipe: Recipe,
+    folds: int,
+    run_dir: Path,
+    *,
+    seed: int = 0,
+    field_pattern: str | None = None,
+    only: Sequence[int] = (),
+    threads: int | None = None,
+    progress: bool = True,
+) -> CvReport:
+    """Run (or continue) a K-fold CV; folds are numbered 1..K. ``only`` limits this call to some folds."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(data_yaml, folds, run_dir, seed=seed, field_pattern=field_pattern, progress=progress)
+    pooled = [PoolImage(Path(p["image"]), Path(p["label"]), p["split"], p["cells"]) for p in plan["images"]]
+    fold_of = [p["fold"] for p in plan["images"]]
+    saved_recipe = run_dir / "recipe.yaml"
+    if saved_recipe.is_file():
+        kept = load_recipe(saved_recipe)
+        if kept != recipe:
+            raise ConfigError(
+                f"{run_dir} is a CV of another recipe ({saved_recipe}); "
+                "continue it with that recipe or choose another --run"
+            )
+    else:
+        saved_recipe.write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    bad = [f for f in only if not 1 <= f <= folds]
+    if bad:
+        raise ConfigError(f"--fold {bad}: folds are numbered 1..{folds}")
+    names = load_data_yaml(data_yaml)["names"]
+    for fold in range(1, folds + 1):
+        if only and fold not in only:
+            continue
+        result_file = run_dir / f"fold{fold}" / "result.json"
+        if result_file.is_file():
+            logger.info("fold %d of %d: finished earlier, kept (%s)", fold, folds, result_file)
+            continue
+        result = _run_fold(
+            pooled, fold_of, fold, run_dir / f"fold{fold}", recipe, names=names, threads=threads, progress=progress
+        )
+        result_file.write_text(json.dumps(asdict(result), indent=2))
+        logger.info("fold %d of %d: %s", fold, folds, result.metrics)
+    return load_report(run_dir)
+
+
+def _plan(
+    data_yaml: Path, folds: int, run_dir: Path, *, seed: int, field_pattern: str | None, progress: bool
+) -> dict[str, Any]:
+    """The fold of every frame, computed once and kept in ``folds.json`` so that a continued run
+    (or one on another machine) trains on exactly the same folds."""
+    plan_file = run_dir / "folds.json"
+    if plan_file.is_file():
+        plan: dict[str, Any] = json.loads(plan_file.read_text())
+        if plan["folds"] != folds or plan["seed"] != seed:
+            raise ConfigError(
+                f"{run_dir} holds a {plan['folds']}-fold CV with seed {plan['seed']}; "
+                "continue it with those or choose another --run"
+            )
+        return plan
+    pooled = pool_dataset(data_yaml)
+    if not pooled:
+        raise DatasetError(f"{data_yaml}: no annotated images in any split")
+    groups = field_groups([p.image for p in pooled], pattern=field_pattern, progress=progress)
+    fold_of = assign_folds(groups, [p.cells for p in pooled], folds, seed=seed)
+    plan = {
+        "data": str(Path(data_yaml).resolve()),
+        "folds": folds,
+        "seed": seed,
+        "field_pattern": field_pattern,
+        "groups": len(set(groups)),
+        "images": [
+            {
+                "image": str(p.image),
+                "label": str(p.label),
+                "split": p.split,
+                "cells": p.cells,
+                "field": g,
+                "fold": f + 1,
+            }
+            for p, g, f in zip(pooled, groups, fold_of, strict=True)
+        ],
+    }
+    plan_file.write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def _run_fold(
+    pooled: Sequence[PoolImage],
+    fold_of: Sequence[int],
+    fold: int,
+    fold_dir: Path,
+    recipe: Recipe,
+    *,
+    names: list[str],
+    threads: int | None,
+    progress: bool,
+) -> FoldResult:
+    from cellseg.training.export import export_onnx
+    from cellseg.training.train import train
+
+    data = write_fold_dataset(pooled, fold_of, fold, fold_dir / "data", names)
+    train_dir = fold_dir / "train"
+    manifest_file = train_dir / "manifest.json"
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+    else:
+        started = time.time()
+        resume = (train_dir / "weights" / "last.pt").is_file()
+        logger.info("fold %d: %s training on %s", fold, "resuming" if resume else "starting", data)
+        manifest = train(recipe.model_copy(update={"val": False}), data, train_dir, resume=resume).manifest
+        logger.info("fold %d: trained in %.0f s", fold, time.time() - started)
+    model = fold_dir / "model.onnx"
+    held_out = [p.image for p, f in zip(pooled, fold_of, strict=True) if f == fold]
+    if not model.is_file():
+        export_onnx(train_dir / "weights" / "last.pt", model, held_out[:1], run_dir=train_dir)
+    # The confidence is chosen on the fold's training frames, so the held-out numbers stay held out.
+    threads = threads or os.cpu_count()
+    on_train, _ = evaluate(model, data, ("train",), threads=threads, progress=progress, sweep=CONF_SWEEP)
+    best = on_train.splits[0].best_conf()
+    conf = best.conf if best is not None else on_train.operating_conf
+    report, _ = evaluate(model, data, ("val",), operating_conf=conf, threads=threads, progress=progress)
+    held = report.splits[0]
+    return FoldResult(
+        fold=fold,
+        images=[p.name for p in held_out],
+        cells=held.instances,
+        conf=conf,
+        metrics=fold_metrics(held),
+        train_seconds=float(manifest.get("train_seconds", 0.0)),
+        epochs=int(manifest.get("epochs_completed", 0)),
+        per_image=[asdict(r) for r in held.per_image],
+    )
+
+
+def fold_metrics(split: SplitReport) -> dict[str, float]:
+    return {
+        "count_mape_pct": split.count_mape_pct,
+        "count_mae": split.count_mae,
+        "confluence_mae_pp": split.confluence_mae_pp,
+        "mask_map50": split.mask["mAP50"],
+        "mask_map50_95": split.mask["mAP50-95"],
+        "instance_f1": split.instance.get("F1", float("nan")),
+    }
+
+
+def load_report(run_dir: Path) -> CvReport:
+    """The report of a CV run folder from its plan and finished folds."""
+    run_dir = Path(run_dir)
+    plan_file = run_dir / "folds.json"
+    if not plan_file.is_file():
+        raise ConfigError(f"{run_dir} is not a cross-validation run (no folds.json)")
+    plan = json.loads(plan_file.read_text())
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    results = []
+    for fold in range(1, plan["folds"] + 1):
+        path = run_dir / f"fold{fold}" / "result.json"
+        if path.is_file():
+            results.append(FoldResult(**json.loads(path.read_text())))
+    return CvReport(run_dir.name, recipe, plan["data"], plan["folds"], plan["groups"], results)
+
+
+def format_candidates(reports: Sequence[CvReport]) -> str:
+    """One row per candidate: mean ± sd over its folds of each metric."""
+    head = f"{'candidate':<28}{'folds':>6}{'imgsz':>6} | " + "".join(f"{label:>15}" for label in METRICS.values())
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        summary = r.summary()
+        lines.append(
+            f"{r.name:<28}{len(r.folds):>3}/{r.folds_total:<2}{r.recipe.get('imgsz', '?'):>6} | "
+            + "".join(f"{_pm(*summary[k]) if k in summary else '-':>15}" for k in METRICS)
+        )
+    return "\n".join(lines)
