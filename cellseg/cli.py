@@ -116,6 +116,9 @@ def _training_commands(sub: _Commands) -> None:
     )
     ex.add_argument("--run", type=Path, help="training run folder for the metadata (default: the weights' run)")
     ex.add_argument("--opset", type=int)
+    ex.add_argument(
+        "--pixel-size-um", type=float, help="micrometres per pixel of the training frames (devices tile to match)"
+    )
     ex.add_argument("--conf", type=float, default=0.25, help="default confidence shipped with the model")
     ex.add_argument("--iou", type=float, default=0.7, help="default NMS IoU shipped with the model")
     ex.add_argument("--max-det", type=int, default=1000, help="default max detections shipped with the model")
@@ -178,6 +181,13 @@ def _device_commands(sub: _Commands) -> None:
     pr.add_argument("--labels-format", choices=["png", "tif"], default="png")
     pr.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in µm²")
     _add_backend_args(pr)
+    tl = pr.add_argument_group("tiles (frames larger than the model's training frames)")
+    tl.add_argument(
+        "--tile", choices=["auto", "on", "off"], default="auto",
+        help="auto: tile when letterboxing would shrink cells by more than a quarter (default)",
+    )  # fmt: skip
+    tl.add_argument("--tile-px", type=int, help="tile side in frame pixels (default: from the model and --pixel-size)")
+    tl.add_argument("--overlap-px", type=int, help="least overlap of neighbouring tiles (default: a quarter tile)")
     tm = pr.add_argument_group("acquisition times (when the image metadata has none; else the file's mtime)")
     tm.add_argument(
         "--time-from-name",
@@ -487,6 +497,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         thresholds=PostprocessConfig(conf=args.conf, iou=args.iou, max_det=args.max_det),
         run_dir=run_dir,
+        pixel_size_um=args.pixel_size_um,
     )
     print(f"wrote {report.onnx_path} ({report.size_bytes / 1e6:.1f} MB, sha256 {report.onnx_sha256})")
     for check in report.checks:
@@ -520,6 +531,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         threads=args.threads,
         backend=args.backend or "auto",
         precision=args.precision or "fp32",
+        tile=args.tile,
+        tile_px=args.tile_px,
+        overlap_px=args.overlap_px,
         acquired=acquisition_rule(
             NamePattern(args.time_from_name, args.time_format, args.frame_interval, args.time_start)
             if args.time_from_name

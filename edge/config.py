@@ -231,6 +231,28 @@ class GrowthConfig(_Section):
         return value
 
 
+class TilingConfig(_Section):
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="cut frames larger than the model's training frames into overlapping tiles: auto (when "
+        "letterboxing would shrink cells by more than a quarter), on (whenever a frame exceeds a tile) or off",
+    )
+    tile_px: int | None = Field(
+        None, ge=64, le=65536,
+        description="tile side in frame pixels (default: the model's training frame size, scaled by the ratio of "
+        "its training pixel size to measurement.pixel_size_um when both are known)",
+    )  # fmt: skip
+    overlap_px: int | None = Field(
+        None, ge=0, le=32768, description="least overlap of neighbouring tiles (default: a quarter of the tile)"
+    )
+
+    @model_validator(mode="after")
+    def _overlap_within_tile(self) -> TilingConfig:
+        if self.tile_px is not None and self.overlap_px is not None and self.overlap_px > self.tile_px // 2:
+            raise ValueError(f"overlap_px {self.overlap_px} is more than half of tile_px {self.tile_px}")
+        return self
+
+
 class Config(_Section):
     """The whole device configuration."""
 
@@ -252,6 +274,7 @@ class Config(_Section):
     overlay: OverlayConfig = Field(default_factory=OverlayConfig)
     flash: FlashConfig = Field(default_factory=FlashConfig)
     growth: GrowthConfig = Field(default_factory=GrowthConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
 
     @property
     def topic_prefix(self) -> str:

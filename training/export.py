@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import yaml
 
 from cellseg.edge.capture.imageio import read_image
 from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
-from cellseg.edge.errors import DependencyError, ModelError
+from cellseg.edge.errors import CellsegError, DependencyError, ModelError
 from cellseg.edge.hashing import file_sha256
 from cellseg.edge.pipeline.intensity import IntensityMapping
 from cellseg.edge.pipeline.model_info import CELLSEG_METADATA_KEY, ModelInfo, PostprocessConfig
@@ -69,7 +70,30 @@ def _run_metadata(run_dir: Path) -> dict[str, Any]:
     if (run_dir / "manifest.json").is_file():
         manifest = json.loads((run_dir / "manifest.json").read_text())
         meta["dataset_sha256"] = manifest.get("dataset_sha256", "")
+        frame_px = training_frame_px(Path(manifest["data"])) if manifest.get("data") else None
+        if frame_px is not None:
+            meta["trained_frame_px"] = frame_px
     return meta
+
+
+def training_frame_px(data_yaml: Path, *, sample: int = 200) -> int | None:
+    """Median longest side of a dataset's training frames (up to ``sample`` of them): the frame
+    size at which the model learnt what a cell looks like, which tiled inference reproduces."""
+    from PIL import Image
+
+    from cellseg.training.evaluate import split_images
+    from cellseg.training.yolo_dataset import load_data_yaml
+
+    try:
+        images = [image for image, _ in split_images(load_data_yaml(data_yaml), "train")]
+    except CellsegError:
+        return None  # the dataset moved since training: the model then records no frame size
+    step = max(1, len(images) // sample)
+    sides = []
+    for image in images[::step]:
+        with Image.open(image) as im:  # reads the header only
+            sides.append(max(im.size))
+    return int(statistics.median(sides)) if sides else None
 
 
 def weights_epoch(checkpoint: dict[str, Any]) -> dict[str, float] | None:
@@ -103,11 +127,14 @@ def export_onnx(
     thresholds: PostprocessConfig | None = None,
     mapping: IntensityMapping | None = None,
     run_dir: Path | None = None,
+    pixel_size_um: float | None = None,
 ) -> ExportReport:
     """Export ``weights`` to ``output`` (ONNX) and check it on ``check_images``.
 
-    ``run_dir`` is the training run whose recipe and dataset hash go into the metadata
-    (default: the run folder the weights lie in, ``<run>/weights/best.pt``).
+    ``run_dir`` is the training run whose recipe, dataset hash and training frame size go into
+    the metadata (default: the run folder the weights lie in, ``<run>/weights/best.pt``).
+    ``pixel_size_um``: micrometres per pixel of the training frames, recorded so that a device
+    whose camera has other pixels tiles its frames to the scale the model knows.
 
     Raises:
         ModelError: the weights are missing, the export fails, or the check fails (the
@@ -154,6 +181,7 @@ def export_onnx(
                 "weights_epoch": weights_epoch(getattr(model, "ckpt", None) or {}),
                 "graph_rewrites": rewrites,
                 **_run_metadata(run_dir or weights.resolve().parent.parent),
+                **({"trained_pixel_um": pixel_size_um} if pixel_size_um else {}),
             },
         )
         entry = next((p for p in proto.metadata_props if p.key == CELLSEG_METADATA_KEY), None)

@@ -21,6 +21,7 @@ from cellseg.edge.engines.registry import AUTO, BACKENDS, Backend, EngineFile, P
 from cellseg.edge.errors import BundleError, CellsegError, ConfigError, ModelError
 from cellseg.edge.pipeline.contract import Pipeline
 from cellseg.edge.pipeline.model_info import CELLSEG_METADATA_KEY, ModelInfo
+from cellseg.edge.pipeline.tiling import TileSettings, with_tiling
 
 if TYPE_CHECKING:
     from cellseg.edge.config import Config
@@ -142,12 +143,13 @@ def pipeline_for(opened: OpenedEngine, config: Config | None = None) -> Pipeline
     ``config``: the device configuration, whose postprocess overrides and pixel size apply
     (the model's own thresholds when ``None``), and whose state folder keeps compiled kernels.
     """
-    settings = PipelineSettings(opened.engine.info.thresholds)
-    if config is not None:
-        p = config.postprocess
-        settings = PipelineSettings(
-            opened.engine.info.thresholds.overridden(conf=p.conf, iou=p.iou, max_det=p.max_det),
-            config.measurement.pixel_size_um,
-            config.state_dir / "kernels",
-        )
-    return opened.backend.pipeline(opened.engine, settings)
+    info = opened.engine.info
+    if config is None:
+        return with_tiling(opened.backend.pipeline(opened.engine, PipelineSettings(info.thresholds)),
+                           TileSettings.resolve("auto", info))  # fmt: skip
+    p, t, pixel_um = config.postprocess, config.tiling, config.measurement.pixel_size_um
+    settings = PipelineSettings(
+        info.thresholds.overridden(conf=p.conf, iou=p.iou, max_det=p.max_det), pixel_um, config.state_dir / "kernels"
+    )
+    tiles = TileSettings.resolve(t.mode, info, tile_px=t.tile_px, overlap_px=t.overlap_px, pixel_size_um=pixel_um)
+    return with_tiling(opened.backend.pipeline(opened.engine, settings), tiles, pixel_um)

@@ -79,6 +79,19 @@ class ModelInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def trained_frame_px(self) -> int | None:
+        """Longest side of the frames it was trained on (each letterboxed whole into the input),
+        when its export recorded it: the scale at which the model knows cells."""
+        value = self.extra.get("trained_frame_px")
+        return int(value) if isinstance(value, int | float) and value > 0 else None
+
+    @property
+    def trained_pixel_um(self) -> float | None:
+        """Micrometres per pixel of its training frames, when its export was told."""
+        value = self.extra.get("trained_pixel_um")
+        return float(value) if isinstance(value, int | float) and value > 0 else None
+
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: object = "model") -> ModelInfo:
         """Parse ONNX ``metadata_props`` (string values) written by ultralytics and cellseg."""

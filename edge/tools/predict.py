@@ -22,6 +22,7 @@ from cellseg.edge.capture.acquisition import Acquired, acquisition_time
 from cellseg.edge.capture.files import file_frame
 from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.errors import CellsegError, DependencyError, ImageReadError
+from cellseg.edge.pipeline.tiling import TileMode, TileSettings, with_tiling
 from cellseg.edge.service.contract import measurement_payload
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class PredictOptions:
     acquired: Callable[[Path], Acquired] = acquisition_time  # when each image was taken
     backend: str = "auto"  # a backend of the table, or auto (ONNX Runtime for an ONNX model)
     precision: str = "fp32"  # the float precision, where the backend has a choice
+    tile: TileMode = "auto"  # see cellseg.edge.pipeline.tiling
+    tile_px: int | None = None
+    overlap_px: int | None = None
 
 
 def expand_inputs(inputs: Sequence[str]) -> Iterator[Path]:
@@ -104,7 +108,12 @@ def run_predict(model: Path, inputs: Sequence[str], options: PredictOptions, out
     engine = opened.engine
     try:
         config = engine.info.thresholds.overridden(conf=options.conf, iou=options.iou, max_det=options.max_det)
-        predictor = opened.backend.pipeline(engine, PipelineSettings(config, options.pixel_size_um))
+        tiles = TileSettings.resolve(options.tile, engine.info, tile_px=options.tile_px,
+                                     overlap_px=options.overlap_px, pixel_size_um=options.pixel_size_um)  # fmt: skip
+        predictor = with_tiling(
+            opened.backend.pipeline(engine, PipelineSettings(config, options.pixel_size_um)), tiles,
+            options.pixel_size_um,
+        )  # fmt: skip
         want_masks = options.overlay_dir is not None or options.labels_dir is not None  # else they may stay on a GPU
         for folder in (options.overlay_dir, options.labels_dir):
             if folder is not None:
