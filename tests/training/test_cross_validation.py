@@ -118,6 +118,12 @@ def test_a_real_cv_interrupted_and_continued(
         sum(f.metrics["count_mape_pct"] for f in report.folds) / 2
     )
 
+    # The fold's model records the size of the frames it learnt on, for tiled inference.
+    from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    with OnnxRuntimeEngine(run / "fold2" / "model.onnx") as engine:
+        assert engine.info.trained_frame_px == 1024
+
     assert main(["cv", "--compare", str(run), str(run)]) == 0
     table = capsys.readouterr().out
     assert table.count("cv ") == 2 and "2/2" in table

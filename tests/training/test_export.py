@@ -35,7 +35,7 @@ def test_export_matches_pytorch_and_carries_metadata(
 ) -> None:
     out = tmp_path / "model.onnx"
     frames = [usiigaci / "val/set47/raw.tif", SAMPLES / "usiigaci-val-set50.png"]
-    report = export_onnx(weights, out, frames)
+    report = export_onnx(weights, out, frames, pixel_size_um=0.867)
     assert report.ok and len(report.checks) == 2
     for check in report.checks:
         assert check.max_abs_diff["boxes"] < 0.05  # pixels, on a 640 input
@@ -49,6 +49,7 @@ def test_export_matches_pytorch_and_carries_metadata(
     assert meta["weights_sha256"] == file_sha256(weights)
     assert meta["intensity_mapping"] == {"low_pct": 0.5, "high_pct": 99.5, "max_samples": 65536, "method": "percentile"}
     assert meta["precision"] == "fp32"
+    assert meta["trained_pixel_um"] == 0.867  # for tiled inference on cameras with other pixels
     # The DFL's softmax runs over the last axis (training/dfl_softmax.py), and only once rewritten.
     assert meta["graph_rewrites"] == [REWRITE]
     softmax_axes = [a.i for n in model.graph.node if n.op_type == "Softmax" for a in n.attribute if a.name == "axis"]
