@@ -105,6 +105,9 @@ def _training_commands(sub: _Commands) -> None:
         "STOP included), to choose the one to ship; sweep on the train split",
     )
     ev.add_argument("--threads", type=int)
+    ev.add_argument("--plot", type=Path, metavar="FILE.png",
+                    help="draw predicted vs true count and confluence per image, and the worst frames' misses and "
+                    "false positives")  # fmt: skip
 
     ex = sub.add_parser("export", help="export trained weights to ONNX with metadata, checked against PyTorch")
     ex.add_argument("weights", type=Path, help="a .pt from cellseg train (e.g. runs/train/x/weights/best.pt)")
@@ -440,15 +443,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from cellseg.training.evaluate import evaluate, write_json
 
     splits = tuple(args.split) if args.split else ("val", "test")
-    report, _ = evaluate(
-        args.model, args.data, splits, operating_conf=args.conf, threads=args.threads, sweep=args.sweep_conf or ()
-    )
+    report, kept = evaluate(
+        args.model, args.data, splits, operating_conf=args.conf, threads=args.threads, sweep=args.sweep_conf or (),
+        keep_predictions=args.plot is not None,
+    )  # fmt: skip
     if not report.splits:
         print(f"no images in splits {', '.join(splits)} of {args.data}", file=sys.stderr)
         return 2
     print(report.format())
     if args.json_out:
         write_json(report, args.json_out)
+    if args.plot:
+        from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+        from cellseg.training.eval_plot import format_misses, frame_outcomes, miss_breakdown, plot_eval
+
+        with OnnxRuntimeEngine(args.model) as engine:  # the model's own 16-to-8-bit mapping draws the frames
+            mapping = engine.info.mapping
+        shown = plot_eval(report, kept, args.plot, mapping=mapping)
+        worst = ", ".join(f"{Path(o.image).stem} ({o.count_error:+d})" for o in shown)
+        print(f"\nwrote {args.plot}: counts and confluence per image; worst frames {worst}")
+        print(f"where the misses are (operating confidence {report.operating_conf}):")
+        print(format_misses(miss_breakdown(frame_outcomes(report, kept))))
     return 0
 
 
