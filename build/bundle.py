@@ -16,6 +16,7 @@ import json
 import os
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,15 @@ def make_bundle(
     engine: Path | None = None,
     engine_info: EngineBuildInfo | None = None,
     gate_report: dict[str, Any] | None = None,
+    compute_gates: Sequence[dict[str, Any]] = (),
     count_tolerance: int | None = None,
     threads: int | None = None,
 ) -> Manifest:
-    """Write a signed bundle holding ``engine`` (a TensorRT plan) or else the ONNX ``model``."""
+    """Write a signed bundle holding ``engine`` (a TensorRT plan) or else the ONNX ``model``.
+
+    ``compute_gates``: passing ``cellseg gate`` reports of this model on other engines and
+    precisions (OpenVINO BF16, OpenVINO INT8), so that devices may run it there too.
+    """
     key = load_private_key(private_key)
     model_meta, precision, reference = reference_for(
         model, reference_image, count_tolerance=count_tolerance, threads=threads
@@ -108,6 +114,14 @@ def make_bundle(
     calibration = (model_meta.get("quantization") or {}).get("calibration")
     if precision == "int8" or (engine_info is not None and engine_info.precision == "int8"):
         _require_passing_gate(model, gate_report)
+    gates = {}
+    for report in compute_gates:
+        candidate = report.get("candidate", {})
+        runs_as = f"{candidate.get('backend', 'onnxruntime')}:{candidate.get('compute', 'fp32')}"
+        if engine is not None:
+            raise BundleError("a TensorRT bundle runs on TensorRT only; it carries no gates of other engines")
+        _require_passing_gate(model, report, what=runs_as)
+        gates[runs_as] = report
     if engine is not None:
         if engine_info is None:
             raise ConfigError("a TensorRT engine needs its build report (the .json cellseg build-engine wrote)")
@@ -139,6 +153,7 @@ def make_bundle(
         model=model_meta,
         calibration=calibration,
         gate=gate_report,
+        compute_gates=gates,
         reference=reference,
         files=files,
         signing_key=key_id(key.public_key()),
@@ -147,14 +162,14 @@ def make_bundle(
     return manifest
 
 
-def _require_passing_gate(model: Path, gate_report: dict[str, Any] | None) -> None:
+def _require_passing_gate(model: Path, gate_report: dict[str, Any] | None, *, what: str = "") -> None:
     if gate_report is None:
         raise BundleError(f"{model.name} is INT8: bundling it needs the accuracy gate's report (--gate-report)")
     if gate_report.get("candidate", {}).get("sha256") != file_sha256(model):
-        raise BundleError("the gate report is for another model than the one being bundled")
+        raise BundleError(f"the {what + ' ' if what else ''}gate report is for another model than the one bundled")
     if not gate_report.get("passed"):
         reasons = "; ".join(gate_report.get("reasons", [])) or "no reason recorded"
-        raise BundleError(f"the accuracy gate refused this INT8 model: {reasons}")
+        raise BundleError(f"the accuracy gate refused this {what or 'INT8'} model: {reasons}")
 
 
 def write_bundle(output: Path, manifest: Manifest, key: Any, files: dict[str, Path]) -> None:

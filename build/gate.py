@@ -7,11 +7,21 @@ error (mean absolute, percentage points) -- and refuses the INT8 model when it l
 the tolerance on any of them. How closely the two models agree with each other (count and
 confluence differences per image) is reported as well, for the reader; it does not decide,
 because a model that is wrong in the same way as its source has lost nothing.
+
+The candidate is a model *and* the engine that runs it: an INT8 Q/DQ model on ONNX Runtime, the
+FP32 model on OpenVINO in BF16, the INT8 model on OpenVINO. The reference is the FP32 model on
+ONNX Runtime in FP32, the numbers every other precision is held to.
+
+A verdict on five frames moves with a cell or two. The count and confluence losses are means over
+images of paired differences, so the gate also gives their 95 % interval (paired bootstrap over
+the images) and says whether the verdict is *stable*: the whole interval on one side of the
+tolerance. An unstable verdict asks for more frames (``splits``), not for a looser tolerance.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +50,30 @@ class Tolerance:
 class ModelScore:
     model: str
     sha256: str
-    precision: str
+    precision: str  # what the engine reports: fp32, int8, bf16, int8+bf16
     mask_map50_95: float
     mask_map50: float
     count_mape_pct: float
     confluence_mae_pp: float
+    backend: str = "onnxruntime"
+    compute: str = "fp32"  # the float precision asked of the backend (engine.precision)
+
+    @property
+    def runs_as(self) -> str:
+        """``backend:compute``, the key a bundle files this gate under."""
+        return f"{self.backend}:{self.compute}"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model on one engine, evaluated: its score and its per-image count and confluence errors."""
+
+    score: ModelScore
+    count_abs_pct: list[float]
+    confluence_abs_pp: list[float]
+    counts: list[int]
+    confluence: list[float]
+    excluded: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -61,6 +90,11 @@ class GateReport:
     agreement: dict[str, float]
     reasons: list[str] = field(default_factory=list)
     machine: dict[str, str] = field(default_factory=dict)
+    # 95 % paired-bootstrap interval of the count and confluence losses, and whether each lies
+    # wholly on one side of its tolerance.
+    losses_ci95: dict[str, list[float]] = field(default_factory=dict)
+    stable: bool = True
+    excluded_calibration: int = 0  # calibration frames of an INT8 candidate left out of the split
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,12 +107,17 @@ class GateReport:
             ("confluence err", r.confluence_mae_pp, c.confluence_mae_pp, self.tolerance.confluence_pp, "pp"),
         ]
         lines = [
-            f"accuracy gate on {self.images} held-out images ({self.split} split)",
-            f"{'':<16}{r.precision:>10}{c.precision:>10}{'loss':>9}{'allowed':>9}",
+            f"accuracy gate on {self.images} images ({self.split} split"
+            + (f", less {self.excluded_calibration} calibration frames" if self.excluded_calibration else "")
+            + "): "
+            f"{c.model} on {c.backend} {c.precision} against {r.model} on {r.backend} {r.precision}",
+            f"{'':<16}{r.precision:>10}{c.precision:>10}{'loss':>9}{'allowed':>9}{'95 % interval':>18}",
         ]
         keys = ["mask_map_points", "count_pct_points", "confluence_pp"]
         for (name, a, b, allowed, unit), key in zip(rows, keys, strict=True):
-            lines.append(f"{name:<16}{a:>10.2f}{b:>10.2f}{self.losses[key]:>9.2f}{allowed:>9.2f} {unit}")
+            ci = self.losses_ci95.get(key)
+            interval = f"{ci[0]:>8.2f} to {ci[1]:<5.2f}" if ci else ""
+            lines.append(f"{name:<16}{a:>10.2f}{b:>10.2f}{self.losses[key]:>9.2f}{allowed:>9.2f}{interval:>18} {unit}")
         lines.append(
             f"agreement: count differs by {self.agreement['count_mean_abs_pct']:.2f}% per image on average, "
             f"confluence by {self.agreement['confluence_mean_abs_pp']:.2f} pp"
@@ -88,19 +127,12 @@ class GateReport:
             lines.append(f"measured on {m['device']}, ONNX Runtime {m['onnxruntime']}, "
                          f"int8 instructions: {m['int8_isa']}")  # fmt: skip
         lines.append("PASSED" if self.passed else "REFUSED: " + "; ".join(self.reasons))
+        if not self.stable:
+            lines.append(
+                f"not a stable verdict: an interval straddles its tolerance on {self.images} images; "
+                "gate on more frames (more splits) before trusting it"
+            )
         return "\n".join(lines)
-
-
-def _score(model: Path, report: SplitReport, precision: str) -> ModelScore:
-    return ModelScore(
-        model=model.name,
-        sha256=file_sha256(model),
-        precision=precision,
-        mask_map50_95=report.mask["mAP50-95"],
-        mask_map50=report.mask["mAP50"],
-        count_mape_pct=report.count_mape_pct,
-        confluence_mae_pp=report.confluence_mae_pp,
-    )
 
 
 # CPU instruction-set extensions that decide how ONNX Runtime computes INT8 products: VNNI sums
@@ -108,9 +140,10 @@ def _score(model: Path, report: SplitReport, precision: str) -> ModelScore:
 _INT8_ISA = ("avx512_vnni", "avx_vnni", "avx512bw", "avx2", "asimddp", "i8mm")
 
 
-def gate_machine() -> dict[str, str]:
-    """Where the gate ran: the device, ONNX Runtime's version and the CPU's INT8 instructions.
-    Recorded because an INT8 model's arithmetic on a CPU depends on them (build/quantize.py)."""
+def gate_machine(backend: str = "onnxruntime") -> dict[str, str]:
+    """Where the gate ran: the device, ONNX Runtime's (and the candidate backend's) version and the
+    CPU's INT8 and BF16 instructions. Recorded because a quantised or BF16 model's arithmetic on a
+    CPU depends on them (build/quantize.py)."""
     import onnxruntime
 
     flags: set[str] = set()
@@ -120,14 +153,91 @@ def gate_machine() -> dict[str, str]:
             if line.startswith(("flags", "Features")):
                 flags.update(line.split(":", 1)[1].split())
     isa = " ".join(f for f in _INT8_ISA if f in flags) or "unknown"
-    return {"device": device_name(), "onnxruntime": onnxruntime.__version__, "int8_isa": isa}
+    machine = {"device": device_name(), "onnxruntime": onnxruntime.__version__, "int8_isa": isa}
+    machine["bf16_isa"] = " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+    if backend == "openvino":
+        from importlib import metadata
+
+        machine["openvino"] = metadata.version("openvino")
+    return machine
 
 
-def _precision(model: Path) -> str:
+def score_model(
+    model: Path,
+    data_yaml: Path,
+    splits: tuple[str, ...],
+    *,
+    backend: str = "onnxruntime",
+    compute: str = "fp32",
+    threads: int | None = None,
+    progress: bool = True,
+    exclude: frozenset[str] = frozenset(),
+) -> Scored:
+    """Evaluate one model on one engine over the pooled ``splits``, less the ``exclude``d images."""
+    report, kept = evaluate(
+        model, data_yaml, splits, threads=threads, progress=progress, backend=backend, precision=compute,
+        keep_predictions=True, exclude=exclude,
+    )  # fmt: skip
+    if not report.splits:
+        raise DatasetError(f"{data_yaml}: splits {', '.join(splits)} have no images to gate on")
+    per_image = [r for split in report.splits for r in split.per_image]
+    # Mask mAP over the pooled images: one accumulation, as evaluate does per split.
+    map50_95, map50 = _pooled_map(kept, report.splits)
+    mape = 100 * statistics.fmean(abs(r.count_error) / max(r.gt_count, 1) for r in per_image)
+    score = ModelScore(
+        model=Path(model).name, sha256=file_sha256(model), precision=report.engine_precision, mask_map50_95=map50_95,
+        mask_map50=map50, count_mape_pct=mape,
+        confluence_mae_pp=statistics.fmean(abs(r.confluence_error_pp) for r in per_image),
+        backend=backend, compute=compute,
+    )  # fmt: skip
+    return Scored(
+        score,
+        [100 * abs(r.count_error) / max(r.gt_count, 1) for r in per_image],
+        [abs(r.confluence_error_pp) for r in per_image],
+        [r.pred_count for r in per_image],
+        [r.pred_confluence_pct for r in per_image],
+        exclude,
+    )
+
+
+def calibration_images(model: Path) -> frozenset[str]:
+    """The frames an INT8 model was calibrated on (from its metadata): a gate leaves them out, so
+    that a quantisation is never judged on the frames that set its ranges."""
     from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
 
     with OnnxRuntimeEngine(model, threads=1) as engine:
-        return engine.precision
+        quantization = engine.info.extra.get("quantization") or {}
+    images = (quantization.get("calibration") or {}).get("images") or []
+    return frozenset(str(name) for name in images)
+
+
+def _pooled_map(kept: dict[str, list[Any]], splits: list[SplitReport]) -> tuple[float, float]:
+    """Mask mAP50-95 and mAP50 over every kept image of every split (one split: its own numbers)."""
+    if len(splits) == 1:
+        return splits[0].mask["mAP50-95"], splits[0].mask["mAP50"]
+    from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, image_matches
+
+    classes = sorted({int(c) for triples in kept.values() for _, gt, _ in triples for c in gt.class_ids})
+    accs = {c: Accumulator() for c in classes}
+    for triples in kept.values():
+        for _, gt, pred in triples:
+            for c in classes:
+                accs[c].add(*image_matches(gt, pred, c, "mask"))
+    aps = [a.average_precision() for a in accs.values() if a.n_gt > 0]
+    if not aps:
+        return 0.0, 0.0
+    i50 = int(abs(IOU_THRESHOLDS - 0.5).argmin())
+    return float(sum(ap.mean() for ap in aps) / len(aps)), float(sum(ap[i50] for ap in aps) / len(aps))
+
+
+def _paired_interval(reference: list[float], candidate: list[float], *, draws: int = 2000) -> list[float]:
+    """95 % interval of mean(candidate - reference) by resampling images (seeded: reproducible)."""
+    import numpy as np
+
+    diff = np.asarray(candidate) - np.asarray(reference)
+    rng = np.random.default_rng(0)
+    means = diff[rng.integers(0, diff.size, size=(draws, diff.size))].mean(axis=1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
 
 
 def run_gate(
@@ -135,26 +245,42 @@ def run_gate(
     candidate: Path,
     data_yaml: Path,
     *,
-    split: str = "val",
+    split: str | tuple[str, ...] = "val",
     tolerance: Tolerance | None = None,
     threads: int | None = None,
     progress: bool = True,
+    backend: str = "onnxruntime",
+    compute: str = "fp32",
+    reference_scored: Scored | None = None,
 ) -> GateReport:
-    """Evaluate both ONNX models on ``split`` of the dataset and decide."""
+    """Evaluate ``reference`` (ONNX Runtime, FP32) and ``candidate`` on ``backend`` at ``compute``
+    over the images of ``split`` (one split or several, pooled) and decide.
+
+    ``reference_scored``: the reference already evaluated on the same splits (to gate several
+    candidates against one reference without evaluating it each time).
+    """
     tol = tolerance or Tolerance()
-    scores, reports = [], []
-    for model in (reference, candidate):
-        report, _ = evaluate(model, data_yaml, (split,), threads=threads, progress=progress)
-        if not report.splits:
-            raise DatasetError(f"{data_yaml}: split '{split}' has no images to gate on")
-        reports.append(report.splits[0])
-        scores.append(_score(model, report.splits[0], _precision(model)))
-    ref, cand = scores
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    exclude = calibration_images(candidate) if "train" in splits else frozenset()
+    ref_s = reference_scored
+    if ref_s is None or ref_s.excluded != exclude:
+        ref_s = score_model(reference, data_yaml, splits, threads=threads, progress=progress, exclude=exclude)
+    cand_s = score_model(
+        candidate, data_yaml, splits, backend=backend, compute=compute, threads=threads, progress=progress,
+        exclude=exclude,
+    )  # fmt: skip
+    ref, cand = ref_s.score, cand_s.score
     losses = {
         "mask_map_points": round((ref.mask_map50_95 - cand.mask_map50_95) * 100, 4),
         "count_pct_points": round(cand.count_mape_pct - ref.count_mape_pct, 4),
         "confluence_pp": round(cand.confluence_mae_pp - ref.confluence_mae_pp, 4),
     }
+    intervals = {
+        "count_pct_points": _paired_interval(ref_s.count_abs_pct, cand_s.count_abs_pct),
+        "confluence_pp": _paired_interval(ref_s.confluence_abs_pp, cand_s.confluence_abs_pp),
+    }
+    allowed = {"count_pct_points": tol.count_pct_points, "confluence_pp": tol.confluence_pp}
+    stable = all(not (low <= allowed[k] < high) for k, (low, high) in intervals.items())
     reasons = []
     if losses["mask_map_points"] > tol.mask_map_points:
         reasons.append(f"mask mAP50-95 drops by {losses['mask_map_points']:.2f} points (allowed {tol.mask_map_points})")
@@ -162,18 +288,16 @@ def run_gate(
         reasons.append(f"count error grows by {losses['count_pct_points']:.2f} points (allowed {tol.count_pct_points})")
     if losses["confluence_pp"] > tol.confluence_pp:
         reasons.append(f"confluence error grows by {losses['confluence_pp']:.2f} pp (allowed {tol.confluence_pp})")
-    pairs = list(zip(reports[0].per_image, reports[1].per_image, strict=True))
+    pairs = list(zip(ref_s.counts, cand_s.counts, strict=True))
     agreement = {
-        "count_mean_abs_pct": round(
-            100 * sum(abs(b.pred_count - a.pred_count) / max(a.pred_count, 1) for a, b in pairs) / len(pairs), 4
-        ),
+        "count_mean_abs_pct": round(100 * statistics.fmean(abs(b - a) / max(a, 1) for a, b in pairs), 4),
         "confluence_mean_abs_pp": round(
-            sum(abs(b.pred_confluence_pct - a.pred_confluence_pct) for a, b in pairs) / len(pairs), 4
+            statistics.fmean(abs(b - a) for a, b in zip(ref_s.confluence, cand_s.confluence, strict=True)), 4
         ),
     }
     return GateReport(
         passed=not reasons,
-        split=split,
+        split="+".join(splits),
         images=len(pairs),
         tolerance=tol,
         reference=ref,
@@ -181,7 +305,10 @@ def run_gate(
         losses=losses,
         agreement=agreement,
         reasons=reasons,
-        machine=gate_machine(),
+        machine=gate_machine(backend),
+        losses_ci95=intervals,
+        stable=stable,
+        excluded_calibration=len(exclude),
     )
 
 

@@ -37,6 +37,8 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
 
 
 if TYPE_CHECKING:  # argparse's subparser type is subscriptable only to type checkers
+    from cellseg.edge.tools.benchmark import Comparison
+
     _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
@@ -250,6 +252,22 @@ def _build_commands(sub: _Commands) -> None:
     qz.add_argument("--threads", type=int)
     qz.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    gt = sub.add_parser(
+        "gate", help="the accuracy gate of a model on a backend and precision against the FP32 model on ONNX Runtime"
+    )
+    gt.add_argument("model", type=Path, help="the FP32 ONNX model: the reference (and the candidate without --int8)")
+    gt.add_argument("--int8", type=Path, metavar="MODEL", help="judge this INT8 model (cellseg quantize) instead")
+    gt.add_argument("--data", type=Path, required=True, help="dataset data.yaml with ground truth")
+    gt.add_argument("--split", action="append", choices=["train", "val", "test"],
+                    help="splits to pool (repeatable; default val); more frames, a steadier verdict")  # fmt: skip
+    gt.add_argument("-o", "--output", type=Path, help="report to write (default: beside the candidate)")
+    _add_backend_args(gt)
+    gt.add_argument("--max-map-loss", type=float, default=1.0, help="most mask mAP50-95 points lost")
+    gt.add_argument("--max-count-loss", type=float, default=2.0, help="most count-error %% points lost")
+    gt.add_argument("--max-confluence-loss", type=float, default=1.0, help="most confluence-error pp lost")
+    gt.add_argument("--threads", type=int)
+    gt.add_argument("--quiet", action="store_true", help="no progress bars")
+
     kg = sub.add_parser("keygen", help="an Ed25519 key pair for signing bundles: PREFIX.key and PREFIX.pub")
     kg.add_argument("prefix", type=Path)
     kg.add_argument("--overwrite", action="store_true")
@@ -260,6 +278,8 @@ def _build_commands(sub: _Commands) -> None:
     bu.add_argument("--key", type=Path, required=True, help="the signing private key (from cellseg keygen)")
     bu.add_argument("--engine", type=Path, help="a TensorRT plan built from MODEL (default: bundle the ONNX)")
     bu.add_argument("--gate-report", type=Path, help="gate report (INT8; default MODEL.gate.json)")
+    bu.add_argument("--compute-gate", type=Path, action="append", default=[], metavar="REPORT",
+                    help="a passing 'cellseg gate' report of MODEL on another engine (repeatable)")  # fmt: skip
     bu.add_argument("--reference", type=Path, help="reference frame for the self-test (default: the first sample)")
     bu.add_argument("--name", help="bundle name (default: the output file's stem)")
 
@@ -312,6 +332,11 @@ def _engine_slot_commands(sub: _Commands) -> None:
     _add_backend_args(be)
     be.add_argument("--compare", action="store_true",
                     help="every backend and precision this machine has, side by side on the same frames")  # fmt: skip
+    be.add_argument("--int8", type=Path, metavar="MODEL", help="with --compare: also the INT8 model (cellseg quantize)")
+    be.add_argument("--gate", type=Path, metavar="DATA.yaml",
+                    help="with --compare: each row's accuracy gate against ONNX Runtime FP32")  # fmt: skip
+    be.add_argument("--gate-split", action="append", choices=["train", "val", "test"],
+                    help="splits the gate pools (repeatable; default val)")  # fmt: skip
     be.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -360,6 +385,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "run": _cmd_run,
         "demo": _cmd_demo,
         "quantize": _cmd_quantize,
+        "gate": _cmd_gate,
         "keygen": _cmd_keygen,
         "bundle": _cmd_bundle,
         "flash": _cmd_flash,
@@ -689,6 +715,28 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _gate_rows(
+    rows: list[Comparison], model: Path, int8: Path | None, data: Path, *, splits: tuple[str, ...], threads: int | None
+) -> None:
+    """The accuracy gate's verdict on every row of a backend comparison that ran here."""
+    from cellseg.build.gate import run_gate, score_model
+
+    reference = score_model(model, data, splits, threads=threads, progress=False)
+    for row in rows:
+        if row.report is None:
+            continue
+        if row.backend == "onnxruntime" and row.precision == "fp32":
+            row.verdict = "reference"
+            continue
+        candidate = int8 if row.precision == "int8" and int8 is not None else model
+        compute = "fp32" if row.precision == "int8" else row.precision
+        report = run_gate(model, candidate, data, split=splits, threads=threads, progress=False,
+                          backend=row.backend, compute=compute, reference_scored=reference)  # fmt: skip
+        verdict = "pass" if report.passed else "REFUSED"
+        loss = report.losses["count_pct_points"]
+        row.verdict = f"{verdict} ({loss:+.1f} count pts{'' if report.stable else ', unstable'})"
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from cellseg.build.gate import Tolerance, run_gate, write_report
     from cellseg.build.quantize import choose_calibration_images, quantize
@@ -716,6 +764,27 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     write_report(report, gate_path)
     print(report.format())
     print(f"gate report: {gate_path}")
+    return 0 if report.passed else 3
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from cellseg.build.gate import Tolerance, run_gate, write_report
+
+    backend, compute = args.backend or "onnxruntime", args.precision or "fp32"
+    candidate = args.int8 or args.model
+    if candidate == args.model and backend in ("auto", "onnxruntime") and compute == "fp32":
+        print("cellseg gate: error: that is the reference itself; name --backend/--precision or --int8",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    report = run_gate(
+        args.model, candidate, args.data, split=tuple(args.split or ["val"]),
+        tolerance=Tolerance(args.max_map_loss, args.max_count_loss, args.max_confluence_loss),
+        threads=args.threads, progress=not args.quiet, backend=backend, compute=compute,
+    )  # fmt: skip
+    path = args.output or candidate.with_name(f"{candidate.stem}.{backend}-{compute}.gate.json")
+    write_report(report, path)
+    print(report.format())
+    print(f"gate report: {path}")
     return 0 if report.passed else 3
 
 
@@ -747,10 +816,12 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         engine=args.engine,
         engine_info=engine_info,
         gate_report=gate,
+        compute_gates=[read_report(path) for path in args.compute_gate],
     )
     e = manifest.engine
+    also = f", also gated for {', '.join(sorted(manifest.compute_gates))}" if manifest.compute_gates else ""
     print(
-        f"wrote {args.output}: {e.kind} {e.precision}, signed by key {manifest.signing_key}; "
+        f"wrote {args.output}: {e.kind} {e.precision}{also}, signed by key {manifest.signing_key}; "
         f"self-test expects {manifest.reference.count} cells on {reference.name}"
     )
     return 0
@@ -849,7 +920,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 "cellseg bench: error: --compare times a model file (--model), not a device's engine", file=sys.stderr
             )
             return 2
-        rows = compare_backends(args.model or default_model(), images, runs=args.runs, threads=args.threads)
+        model = args.model or default_model()
+        rows = compare_backends(model, images, runs=args.runs, threads=args.threads, int8_model=args.int8)
+        if args.gate is not None:
+            splits = tuple(args.gate_split or ["val"])
+            _gate_rows(rows, model, args.int8, args.gate, splits=splits, threads=args.threads)
         print(json.dumps([row.to_dict() for row in rows]) if args.json else format_comparison(rows))
         return 0
     if config is not None:

@@ -1,7 +1,7 @@
 """``cellseg eval``: accuracy of an exported model on a dataset's val and test splits.
 
-Predictions come from the device's own pipeline (:class:`cellseg.edge.pipeline.host.HostPipeline`
-on the ONNX model), so the numbers describe what the device will do, not the training
+Predictions come from the device's own pipeline (ONNX Runtime's unless another backend and
+precision are asked for), so the numbers describe what the device will do, not the training
 framework. Reported per split:
 
 - box and mask Precision, Recall, mAP@50, mAP@50-95 (COCO protocol, see metrics.py), from
@@ -16,7 +16,7 @@ framework. Reported per split:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,10 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from cellseg.edge.bundles.engine_select import open_engine
 from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
-from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
+from cellseg.edge.engines.registry import PipelineSettings
 from cellseg.edge.errors import ConfigError, DatasetError
-from cellseg.edge.pipeline.host import HostPipeline
 from cellseg.edge.pipeline.types import Detections, Frame, union_of_masks
 from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
 from cellseg.training.yolo_dataset import SPLITS, load_data_yaml, read_label_file
@@ -84,6 +84,8 @@ class EvalReport:
     data: str
     operating_conf: float
     splits: list[SplitReport]
+    engine_precision: str = "fp32"  # as the engine reports it (int8 for a Q/DQ model, bf16, ...)
+    backend: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,12 +206,18 @@ def evaluate(
     progress: bool = True,
     keep_predictions: bool = False,
     sweep: Sequence[float] = (),
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    exclude: Collection[str] = (),
 ) -> tuple[EvalReport, dict[str, list[tuple[str, Instances, Instances]]]]:
     """Evaluate an ONNX model; returns the report and, with ``keep_predictions``, the raw
     (image, ground truth, predictions) triples per split (for cross-checks).
 
     ``sweep``: operating confidences (each >= EVAL_CONF and < 1) at which to also report the
-    count and confluence errors of every split.
+    count and confluence errors of every split. ``backend`` and ``precision``: which engine runs
+    the model and at which float precision (``engine.backend``, ``engine.precision``), so that
+    every precision a device may run is judged on the same frames. ``exclude``: image file names
+    left out (an INT8 model's calibration frames, when it is gated on the train split).
     """
     bad = [c for c in sweep if not EVAL_CONF <= c < 1.0]
     if bad:
@@ -217,15 +225,19 @@ def evaluate(
     data = load_data_yaml(data_yaml)
     kept: dict[str, list[tuple[str, Instances, Instances]]] = {}
     reports = []
-    with OnnxRuntimeEngine(model, threads=threads) as engine:
+    opened = open_engine(Path(model), backend, threads, compute=precision)
+    engine = opened.engine
+    try:
         t = engine.info.thresholds
         op_conf = t.conf if operating_conf is None else operating_conf
-        predictor = HostPipeline(engine, t.overridden(conf=EVAL_CONF, iou=iou, max_det=max_det))
+        predictor = opened.backend.pipeline(
+            engine, PipelineSettings(t.overridden(conf=EVAL_CONF, iou=iou, max_det=max_det))
+        )
         n_classes = engine.info.num_classes
         for split in splits:
             if split not in SPLITS:
                 raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
-            pairs = split_images(data, split)
+            pairs = [(image, label) for image, label in split_images(data, split) if image.name not in exclude]
             if not pairs:
                 continue
             acc = {kind: [Accumulator() for _ in range(n_classes)] for kind in ("box", "mask")}
@@ -236,7 +248,7 @@ def evaluate(
                 pixels = read_image(image_path)
                 h, w = pixels.shape[:2]
                 gt = ground_truth(label_path, w, h)
-                det = predictor(Frame(pixels, source=str(image_path))).detections
+                det = predictor(Frame(pixels, source=str(image_path)), want_masks=True).detections
                 pred = predictions(det)
                 for kind in ("box", "mask"):
                     for c in range(n_classes):
@@ -253,7 +265,9 @@ def evaluate(
             report = _split_report(split, acc, at_conf[op_conf], op_conf)
             report.sweep = [SweepRow(conf, *_count_errors(at_conf[conf])) for conf in sorted(set(sweep))]
             reports.append(report)
-    return EvalReport(str(model), str(data_yaml), op_conf, reports), kept
+    finally:
+        engine.close()
+    return EvalReport(str(model), str(data_yaml), op_conf, reports, engine.precision, opened.backend.name), kept
 
 
 def _image_result(

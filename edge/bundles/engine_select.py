@@ -88,6 +88,8 @@ def open_engine(
     """
     kind, model_file, manifest = engine_kind(path)
     chosen = choose_backend(kind, backend, path, backends)
+    if manifest is not None:
+        require_gate(manifest, chosen.name, compute)
     described = EngineFile(
         model_file,
         info=slot_model_info(manifest, path) if manifest is not None else None,
@@ -103,6 +105,34 @@ def open_engine(
         engine.close()
         raise
     return OpenedEngine(engine, chosen, path, manifest)
+
+
+def require_gate(manifest: Manifest, backend: str, compute: str) -> None:
+    """Refuse to run a bundle on an engine and precision its accuracy gate never judged.
+
+    A bundle runs as built: its ONNX model on ONNX Runtime (FP32, or INT8 judged by the gate it
+    carries), its TensorRT plan on TensorRT, and an FP32 model on OpenVINO in FP32, which computes
+    what ONNX Runtime does (the flash self-test checks it on the reference frame). Anything else
+    (BF16, or an INT8 model's other INT8 kernels) moves counts by cells, so it needs a passing gate
+    for exactly this model, filed under ``backend:precision`` when the bundle was made.
+
+    Raises:
+        BundleError: no passing gate for that engine and precision.
+    """
+    spec = manifest.engine
+    as_built = spec.kind == "tensorrt" or backend == "onnxruntime"
+    if as_built or (compute == "fp32" and spec.precision == "fp32"):
+        return
+    key = f"{backend}:{compute}"
+    gate = manifest.compute_gates.get(key)
+    if gate is None:
+        carried = ", ".join(sorted(manifest.compute_gates)) or "none"
+        raise BundleError(
+            f"bundle {manifest.name!r} carries no accuracy gate for {backend} at {compute} (it carries: {carried}); "
+            f"run 'cellseg gate' for it and make the bundle with --compute-gate, or set engine.precision: fp32"
+        )
+    if not gate.get("passed") or gate.get("candidate", {}).get("sha256") != manifest.engine_entry.sha256:
+        raise BundleError(f"bundle {manifest.name!r}: its {key} gate did not pass for this model")
 
 
 def configured_candidates(store: SlotStore, model: Path) -> list[tuple[str | None, Path]]:

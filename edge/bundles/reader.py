@@ -80,6 +80,10 @@ class Manifest(_Strict):
     model: dict[str, Any] = Field(..., description="the cellseg model metadata: input size, classes, thresholds")
     calibration: dict[str, Any] | None = None
     gate: dict[str, Any] | None = None
+    # Accuracy gates of the other engines and precisions this bundle may run on, by
+    # ``backend:precision`` (``openvino:bf16``): the device runs a bundle only on its own
+    # precision or on one of these (see engine_select.require_gate).
+    compute_gates: dict[str, dict[str, Any]] = Field(default_factory=dict)
     reference: Reference
     files: dict[str, FileEntry]
     signing_key: str = Field(..., description="id of the key that signed it (sha256 of the raw public key, 16 hex)")
@@ -87,7 +91,11 @@ class Manifest(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(by_alias=True), indent=2, sort_keys=True).encode()
+        data = self.model_dump(by_alias=True)
+        if not data["compute_gates"]:
+            # Left out when empty: a bundle without them reads on devices that predate them.
+            del data["compute_gates"]
+        return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @property
     def engine_entry(self) -> FileEntry:

@@ -104,22 +104,32 @@ def run_bench(
     )
 
 
-# What ``cellseg bench --compare`` tries, in this order; the first is the reference of the ratios.
-CANDIDATES = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
+# What ``cellseg bench --compare`` tries, in this order: (backend, precision asked, the INT8 model);
+# the first is the reference of the ratios and of the differences.
+CANDIDATES = (
+    ("onnxruntime", "fp32", False),
+    ("onnxruntime", "fp32", True),
+    ("openvino", "fp32", False),
+    ("openvino", "bf16", False),
+    ("openvino", "fp32", True),
+)
 
 
 @dataclass
 class Comparison:
     """One backend and precision on the same frames as the others: its speed, or why it could
-    not run here; and how far its counts are from the reference's, frame by frame."""
+    not run here; how far its counts are from the reference's, frame by frame; and, when the
+    accuracy gate was run, its verdict."""
 
     backend: str
     precision: str
+    model: str = ""
     report: BenchReport | None = None
     unavailable: str = ""
     ratio: float = 0.0  # images/s over the reference's
     max_count_diff: int = 0
     mean_confluence_diff_pp: float = 0.0
+    verdict: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "report"}
@@ -127,20 +137,31 @@ class Comparison:
         return out
 
 
-def compare_backends(model: Path, images: list[Path], runs: int = 3, threads: int | None = None) -> list[Comparison]:
+def compare_backends(
+    model: Path,
+    images: list[Path],
+    runs: int = 3,
+    threads: int | None = None,
+    *,
+    int8_model: Path | None = None,
+) -> list[Comparison]:
     """Each of :data:`CANDIDATES` this machine has, timed on ``images``; the counts and
-    confluence of each compared frame by frame with the first's."""
+    confluence of each compared frame by frame with the first's. INT8 rows run ``int8_model``
+    (a ``cellseg quantize`` output) and are left out without one."""
     from cellseg.edge.bundles.engine_select import open_engine, pipeline_for
     from cellseg.edge.errors import CellsegError
 
     frames = [Frame(read_image(p), source=str(p)) for p in images]
     rows: list[Comparison] = []
     reference: list[tuple[int, float]] | None = None
-    for backend, precision in CANDIDATES:
-        row = Comparison(backend, precision)
+    for backend, precision, quantised in CANDIDATES:
+        if quantised and int8_model is None:
+            continue
+        path = int8_model if quantised and int8_model is not None else model
+        row = Comparison(backend, "int8" if quantised else precision, path.name)
         rows.append(row)
         try:
-            opened = open_engine(model, backend, threads, compute=precision)
+            opened = open_engine(path, backend, threads, compute=precision)
         except CellsegError as e:
             row.unavailable = str(e)
             continue
@@ -162,17 +183,20 @@ def compare_backends(model: Path, images: list[Path], runs: int = 3, threads: in
 
 
 def format_comparison(rows: list[Comparison]) -> str:
+    gated = any(r.verdict for r in rows)
     head = (f"{'backend':<12}{'precision':>10}{'images/s':>10}{'ms/image':>10}{'ratio':>8}"
-            f"{'max |Δcount|':>14}{'mean |Δconfl.| pp':>19}")  # fmt: skip
+            f"{'max |Δcount|':>14}{'mean |Δconfl.| pp':>19}") + (f"  {'gate':<22}" if gated else "")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.report is None:
             lines.append(f"{r.backend:<12}{r.precision:>10}  not here: {r.unavailable}")
             continue
         lines.append(f"{r.backend:<12}{r.report.precision:>10}{r.report.images_per_s:>10.2f}{r.report.ms_per_image:>10.1f}"
-                     f"{r.ratio:>8.2f}{r.max_count_diff:>14d}{r.mean_confluence_diff_pp:>19.3f}")  # fmt: skip
+                     f"{r.ratio:>8.2f}{r.max_count_diff:>14d}{r.mean_confluence_diff_pp:>19.3f}"
+                     + (f"  {r.verdict:<22}" if gated else ""))  # fmt: skip
     first = next((r.report for r in rows if r.report is not None), None)
     if first is not None:
-        lines.append(f"\n{first.frames} frames x {first.runs} runs on {first.device}; ratio and differences against "
-                     f"the first row")  # fmt: skip
+        models = ", ".join(dict.fromkeys(r.model for r in rows if r.model))
+        lines.append(f"\n{first.frames} frames x {first.runs} runs on {first.device} ({models}); ratio and "
+                     f"differences against the first row")  # fmt: skip
     return "\n".join(lines)

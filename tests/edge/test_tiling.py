@@ -3,6 +3,7 @@ training frames (mosaics of real validation frames) against their ground truth."
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -23,7 +24,6 @@ from cellseg.edge.pipeline.tiling import (
     TiledPipeline,
     TileSettings,
     merge_tiles,
-    plan_tiles,
     tile_starts,
 )
 from cellseg.edge.pipeline.types import Detections, Frame
@@ -31,12 +31,14 @@ from cellseg.edge.pipeline.types import Detections, Frame
 VAL = range(46, 51)
 
 
-@pytest.mark.parametrize(("length", "tile", "overlap"), [(2048, 1024, 256), (3072, 1024, 256), (1500, 1024, 100),
-                                                         (1024, 1024, 256), (700, 1024, 256), (4096, 1000, 0)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"),
+    [(2048, 1024, 256), (3072, 1024, 256), (1500, 1024, 100), (1024, 1024, 256), (700, 1024, 256), (4096, 1000, 0)],
+)
 def test_tiles_cover_the_frame_with_at_least_the_overlap(length: int, tile: int, overlap: int) -> None:
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0 and min(starts[-1] + tile, length) == length
-    for a, b in zip(starts, starts[1:], strict=False):
+    for a, b in itertools.pairwise(starts):
         assert a + tile - b >= overlap, "neighbours overlap by less than asked"
         assert b > a
     if length <= tile:
