@@ -19,6 +19,7 @@ import numpy as np
 
 from cellseg.edge.bundles.engine_select import open_engine
 from cellseg.edge.capture.imageio import read_image
+from cellseg.edge.pipeline.contract import Pipeline
 from cellseg.edge.pipeline.host import HostPipeline
 from cellseg.edge.pipeline.tiling import TiledPipeline, TileSettings
 from cellseg.edge.pipeline.types import Frame
@@ -40,9 +41,9 @@ def _truth(label: np.ndarray) -> tuple[int, float]:
     return len(np.unique(label)) - 1, 100.0 * float((label > 0).mean())
 
 
-def _timed(pipeline: object, image: np.ndarray) -> tuple[int, float, float]:
+def _timed(pipeline: Pipeline, image: np.ndarray) -> tuple[int, float, float]:
     start = time.perf_counter()
-    m = pipeline(Frame(image)).measurement  # type: ignore[operator]
+    m = pipeline(Frame(image)).measurement
     return m.count, m.confluence_pct, time.perf_counter() - start
 
 

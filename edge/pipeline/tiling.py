@@ -172,7 +172,8 @@ def _overlap_of_smaller(
 
 def merge_tiles(parts: list[tuple[Tile, Detections]], width: int, height: int) -> Detections:
     """One frame's detections from its tiles' (see the module's docstring for the rule)."""
-    boxes, scores, classes, origins, masks, cut = [], [], [], [], [], []
+    boxes, scores, classes, origins, cut = [], [], [], [], []
+    masks: list[npt.NDArray[np.bool_]] = []
     for tile, det in parts:
         if len(det) == 0:
             continue
