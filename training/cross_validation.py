@@ -25,8 +25,9 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,19 +218,39 @@ def cross_validate(
     if bad:
         raise ConfigError(f"--fold {bad}: folds are numbered 1..{folds}")
     names = load_data_yaml(data_yaml)["names"]
-    for fold in range(1, folds + 1):
-        if only and fold not in only:
-            continue
+    say = _announcer(progress)
+    todo = [f for f in range(1, folds + 1) if (not only or f in only)]
+    spent: list[float] = []
+    for k, fold in enumerate(todo):
         result_file = run_dir / f"fold{fold}" / "result.json"
         if result_file.is_file():
-            logger.info("fold %d of %d: finished earlier, kept (%s)", fold, folds, result_file)
+            say(f"cv fold {fold}/{folds}: finished earlier, kept ({result_file})")
             continue
+        held = sum(1 for f in fold_of if f == fold)
+        eta = f"; about {statistics.fmean(spent) * (len(todo) - k) / 60:.0f} min left" if spent else ""
+        say(f"cv fold {fold}/{folds}: training on {len(fold_of) - held} frames, {held} held out{eta}")
+        started = time.monotonic()
         result = _run_fold(
             pooled, fold_of, fold, run_dir / f"fold{fold}", recipe, names=names, threads=threads, progress=progress
         )
         result_file.write_text(json.dumps(asdict(result), indent=2))
-        logger.info("fold %d of %d: %s", fold, folds, result.metrics)
+        spent.append(time.monotonic() - started)
+        m = result.metrics
+        say(f"cv fold {fold}/{folds} done in {spent[-1] / 60:.0f} min: count MAPE {m['count_mape_pct']:.1f} %, "
+            f"confluence MAE {m['confluence_mae_pp']:.2f} pp, mask mAP50 {m['mask_map50']:.3f}, "
+            f"F1@.5 {m['instance_f1']:.3f} at confidence {result.conf:.2f}")  # fmt: skip
     return load_report(run_dir)
+
+
+def _announcer(progress: bool) -> Callable[[str], None]:
+    """Progress lines on standard error for a person watching (a CV runs for hours), else the log."""
+    if not progress:
+        return logger.info
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    return say
 
 
 def _plan(

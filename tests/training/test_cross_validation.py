@@ -4,6 +4,7 @@ small real CV that is interrupted and continued."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,11 @@ def test_a_real_cv_interrupted_and_continued(
     # The next session, through the command: fold 1 is kept, fold 2 is run, the table printed.
     code = main(["cv", "--data", str(data), "--folds", "2", "--run", str(run), "--json", str(tmp_path / "cv.json")])
     assert code == 0
+    captured = capsys.readouterr()
+    said = captured.err
+    assert "cv fold 1/2: finished earlier, kept" in said
+    assert re.search(r"cv fold 2/2: training on \d frames, \d held out", said)
+    assert re.search(r"cv fold 2/2 done in \d+ min: count MAPE [\d.]+ %", said)
     assert fold1_result.stat().st_mtime_ns == written, "a finished fold was run again"
     report = load_report(run)
     assert [f.fold for f in report.folds] == [1, 2]
@@ -111,7 +117,7 @@ def test_a_real_cv_interrupted_and_continued(
         assert 0.2 <= f.conf <= 0.7
         assert f.cells == sum(r["gt_count"] for r in f.per_image)
         assert set(f.metrics) >= {"count_mape_pct", "confluence_mae_pp", "mask_map50", "mask_map50_95", "instance_f1"}
-    out = capsys.readouterr().out
+    out = captured.out
     assert "cv: 2 of 2 folds, 8 fields" in out and "mean ± sd" in out
     saved = json.loads((tmp_path / "cv.json").read_text())
     assert saved["summary"]["count_mape_pct"]["mean"] == pytest.approx(
