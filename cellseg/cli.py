@@ -242,7 +242,8 @@ def _build_commands(sub: _Commands) -> None:
     qz.add_argument("-o", "--output", type=Path, required=True, help="INT8 ONNX file to write")
     qz.add_argument("--data", type=Path, required=True, help="dataset data.yaml (calibrate on train)")
     qz.add_argument("--calibration-images", type=int, default=20, help="images taken from the train split")
-    qz.add_argument("--gate-split", default="val", choices=["val", "test"], help="held-out images for the gate")
+    qz.add_argument("--gate-split", action="append", choices=["train", "val", "test"],
+                    help="splits the gate judges on (repeatable; default val; train less calibration)")  # fmt: skip
     qz.add_argument("--max-map-loss", type=float, default=1.0, help="most mask mAP50-95 points the gate allows lost")
     qz.add_argument("--max-count-loss", type=float, default=2.0, help="most count-error %% points allowed lost")
     qz.add_argument("--max-confluence-loss", type=float, default=1.0, help="most confluence-error pp allowed lost")
@@ -755,7 +756,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         args.model,
         args.output,
         args.data,
-        split=args.gate_split,
+        split=tuple(args.gate_split or ["val"]),
         tolerance=tolerance,
         threads=args.threads,
         progress=not args.quiet,
