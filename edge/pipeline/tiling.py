@@ -14,8 +14,10 @@ Merging across seams, with every tile's masks in frame coordinates:
 
 So a cell lying in an overlap, whole in two tiles, is counted once; a cell cut by one tile's edge
 is taken from the tile that saw it whole; and a cell larger than the overlap, cut in every tile,
-is still counted once (its largest-scoring piece), never lost. The default overlap, a quarter of
-the tile, is 256 px for 1024-px tiles, wider than the largest Usiigaci cell.
+is never lost: its highest-scoring piece is kept, and another piece is dropped when the two share
+half of the smaller (they do while the cell is under twice the overlap; a longer one counts
+twice). The default overlap, a quarter of the tile, is 256 px for 1024-px tiles, wider than the
+largest Usiigaci cell.
 
 A 16-bit frame is mapped to 8 bits once, over the whole frame, before it is cut: a stretch per
 tile would give each tile its own contrast.
