@@ -266,6 +266,12 @@ def _plan(
                 f"{run_dir} holds a {plan['folds']}-fold CV with seed {plan['seed']}; "
                 "continue it with those or choose another --run"
             )
+        missing = [p["image"] for p in plan["images"] if not Path(p["image"]).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{run_dir} was planned on frames that are gone ({len(missing)}, e.g. {missing[0]}); "
+                "put the dataset back where it was, or start a new --run"
+            )
         return plan
     pooled = pool_dataset(data_yaml)
     if not pooled:
