@@ -117,6 +117,12 @@ def _unreadable_model_and_no_slot(device: Device) -> None:
     device.settings["model"] = str(broken)
 
 
+# The slot holds the shipped model; _truncated_slot_model keeps its first half.
+_HALF_OF_THE_SHIPPED_MODEL = (
+    f"{SHIPPED_MODEL.stat().st_size // 2} bytes, the manifest says {SHIPPED_MODEL.stat().st_size}"
+)
+
+
 def _missing_folder(device: Device) -> None:
     device.settings["source"]["path"] = str(device.root / "nowhere")
 
@@ -130,7 +136,7 @@ def _bad_config(device: Device) -> None:
     [
         (_broker_down, "broker", "Connection refused", "start the broker at 127.0.0.1:"),
         (_wrong_password, "broker", "refused the connection: Not authorized", "check mqtt.username"),
-        (_truncated_slot_model, "slot", "5814109 bytes, the manifest says 11628219", "install-model --config"),
+        (_truncated_slot_model, "slot", _HALF_OF_THE_SHIPPED_MODEL, "install-model --config"),
         (_unreadable_model_and_no_slot, "engine", "ONNX Runtime cannot load it", "cellseg install-model --config"),
         (_missing_folder, "source", "does not exist", "mkdir -p"),
         (_bad_config, "config", "mqtt.prot: Extra inputs are not permitted", "cellseg validate-config"),
