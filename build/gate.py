@@ -124,8 +124,9 @@ class GateReport:
         )
         if self.machine:
             m = self.machine
-            lines.append(f"measured on {m['device']}, ONNX Runtime {m['onnxruntime']}, "
-                         f"int8 instructions: {m['int8_isa']}")  # fmt: skip
+            openvino = f", OpenVINO {m['openvino']}" if "openvino" in m else ""
+            lines.append(f"measured on {m['device']}, ONNX Runtime {m['onnxruntime']}{openvino}, "
+                         f"int8 instructions: {m['int8_isa']}, bf16: {m.get('bf16_isa', 'unknown')}")  # fmt: skip
         lines.append("PASSED" if self.passed else "REFUSED: " + "; ".join(self.reasons))
         if not self.stable:
             lines.append(
@@ -183,21 +184,18 @@ def score_model(
     per_image = [r for split in report.splits for r in split.per_image]
     # Mask mAP over the pooled images: one accumulation, as evaluate does per split.
     map50_95, map50 = _pooled_map(kept, report.splits)
-    mape = 100 * statistics.fmean(abs(r.count_error) / max(r.gt_count, 1) for r in per_image)
+    count_abs_pct = [100 * abs(r.count_error) / max(r.gt_count, 1) for r in per_image]
+    confluence_abs = [abs(r.confluence_error_pp) for r in per_image]
     score = ModelScore(
         model=Path(model).name, sha256=file_sha256(model), precision=report.engine_precision, mask_map50_95=map50_95,
-        mask_map50=map50, count_mape_pct=mape,
-        confluence_mae_pp=statistics.fmean(abs(r.confluence_error_pp) for r in per_image),
-        backend=backend, compute=compute,
+        mask_map50=map50, count_mape_pct=statistics.fmean(count_abs_pct),
+        confluence_mae_pp=statistics.fmean(confluence_abs),
+        backend=report.backend, compute=compute,  # the backend that ran ('auto' resolved)
     )  # fmt: skip
     return Scored(
-        score,
-        [100 * abs(r.count_error) / max(r.gt_count, 1) for r in per_image],
-        [abs(r.confluence_error_pp) for r in per_image],
-        [r.pred_count for r in per_image],
-        [r.pred_confluence_pct for r in per_image],
-        exclude,
-    )
+        score, count_abs_pct, confluence_abs, [r.pred_count for r in per_image],
+        [r.pred_confluence_pct for r in per_image], exclude,
+    )  # fmt: skip
 
 
 def calibration_images(model: Path) -> frozenset[str]:
