@@ -170,8 +170,10 @@ def pipeline_for(opened: OpenedEngine, config: Config | None = None) -> Pipeline
     """The pipeline its backend runs around an opened engine (for TensorRT: pre- and
     post-processing in CUDA kernels, masks copied back only when asked for).
 
-    ``config``: the device configuration, whose postprocess overrides and pixel size apply
-    (the model's own thresholds when ``None``), and whose state folder keeps compiled kernels.
+    ``config``: the device configuration, whose postprocess overrides, pixel size and tiling apply
+    (the model's own thresholds and automatic tiling when ``None``), and whose state folder keeps
+    compiled kernels. Frames larger than the model's training frames go through in tiles
+    (:mod:`cellseg.edge.pipeline.tiling`).
     """
     info = opened.engine.info
     if config is None:
