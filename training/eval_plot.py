@@ -46,7 +46,10 @@ class FrameOutcome:
 
 
 def outcome(image: str, truth: Instances, predictions: Instances, conf: float) -> FrameOutcome:
-    from scipy.optimize import linear_sum_assignment
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as e:
+        raise DependencyError("scipy", "edge", "matching cells one to one for the evaluation picture") from e
 
     reported = predictions.select(np.flatnonzero(predictions.scores > conf))
     iou = mask_iou(reported, truth)
