@@ -486,11 +486,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         with OnnxRuntimeEngine(args.model) as engine:  # the model's own 16-to-8-bit mapping draws the frames
             mapping = engine.info.mapping
-        shown = plot_eval(report, kept, args.plot, mapping=mapping)
+        outcomes = frame_outcomes(report, kept)
+        shown = plot_eval(report, outcomes, args.plot, mapping=mapping)
         worst = ", ".join(f"{Path(o.image).stem} ({o.count_error:+d})" for o in shown)
         print(f"\nwrote {args.plot}: counts and confluence per image; worst frames {worst}")
         print(f"where the misses are (operating confidence {report.operating_conf}):")
-        print(format_misses(miss_breakdown(frame_outcomes(report, kept))))
+        print(format_misses(miss_breakdown(outcomes)))
     return 0
 
 

@@ -155,13 +155,14 @@ def frame_outcomes(report: EvalReport, kept: dict[str, list[tuple[str, Instances
 
 def plot_eval(
     report: EvalReport,
-    kept: dict[str, list[tuple[str, Instances, Instances]]],
+    outcomes: list[FrameOutcome],
     path: Path,
     *,
     worst: int = 3,
     mapping: IntensityMapping | None = None,
 ) -> list[FrameOutcome]:
-    """Write the picture to ``path`` (PNG, SVG or PDF by its suffix); returns the worst frames shown."""
+    """Write the picture of ``report`` and its frames' ``outcomes`` (:func:`frame_outcomes`) to
+    ``path`` (PNG, SVG or PDF by its suffix); returns the worst frames shown."""
     try:
         import matplotlib
 
@@ -171,7 +172,6 @@ def plot_eval(
         raise DependencyError("matplotlib", "plot", "drawing evaluation pictures") from e
 
     conf = report.operating_conf
-    outcomes = frame_outcomes(report, kept)
     shown = sorted(outcomes, key=lambda o: (-abs(o.count_error), o.image))[:worst]
     columns = max(2, len(shown))
     fig = plt.figure(figsize=(4.2 * columns, 8.6 if shown else 4.2), constrained_layout=True)
