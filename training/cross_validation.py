@@ -320,11 +320,9 @@ def _run_fold(
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text())
     else:
-        started = time.time()
+        # An interrupted fold resumes from its last epoch (cross_validate announces the fold).
         resume = (train_dir / "weights" / "last.pt").is_file()
-        logger.info("fold %d: %s training on %s", fold, "resuming" if resume else "starting", data)
         manifest = train(recipe.model_copy(update={"val": False}), data, train_dir, resume=resume).manifest
-        logger.info("fold %d: trained in %.0f s", fold, time.time() - started)
     model = fold_dir / "model.onnx"
     held_out = [p.image for p, f in zip(pooled, fold_of, strict=True) if f == fold]
     if not model.is_file():
