@@ -29,7 +29,7 @@ from typing import Any
 from cellseg.edge.device import device_name
 from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.edge.hashing import file_sha256
-from cellseg.training.evaluate import SplitReport, evaluate
+from cellseg.training.evaluate import evaluate
 
 
 @dataclass(frozen=True)
@@ -175,15 +175,15 @@ def score_model(
     exclude: frozenset[str] = frozenset(),
 ) -> Scored:
     """Evaluate one model on one engine over the pooled ``splits``, less the ``exclude``d images."""
-    report, kept = evaluate(
+    report, _ = evaluate(
         model, data_yaml, splits, threads=threads, progress=progress, backend=backend, precision=compute,
-        keep_predictions=True, exclude=exclude,
+        exclude=exclude, pool=True,
     )  # fmt: skip
     if not report.splits:
         raise DatasetError(f"{data_yaml}: splits {', '.join(splits)} have no images to gate on")
-    per_image = [r for split in report.splits for r in split.per_image]
-    # Mask mAP over the pooled images: one accumulation, as evaluate does per split.
-    map50_95, map50 = _pooled_map(kept, report.splits)
+    pooled = report.splits[0]
+    per_image = pooled.per_image
+    map50_95, map50 = pooled.mask["mAP50-95"], pooled.mask["mAP50"]
     count_abs_pct = [100 * abs(r.count_error) / max(r.gt_count, 1) for r in per_image]
     confluence_abs = [abs(r.confluence_error_pp) for r in per_image]
     score = ModelScore(
@@ -207,25 +207,6 @@ def calibration_images(model: Path) -> frozenset[str]:
         quantization = engine.info.extra.get("quantization") or {}
     images = (quantization.get("calibration") or {}).get("images") or []
     return frozenset(str(name) for name in images)
-
-
-def _pooled_map(kept: dict[str, list[Any]], splits: list[SplitReport]) -> tuple[float, float]:
-    """Mask mAP50-95 and mAP50 over every kept image of every split (one split: its own numbers)."""
-    if len(splits) == 1:
-        return splits[0].mask["mAP50-95"], splits[0].mask["mAP50"]
-    from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, image_matches
-
-    classes = sorted({int(c) for triples in kept.values() for _, gt, _ in triples for c in gt.class_ids})
-    accs = {c: Accumulator() for c in classes}
-    for triples in kept.values():
-        for _, gt, pred in triples:
-            for c in classes:
-                accs[c].add(*image_matches(gt, pred, c, "mask"))
-    aps = [a.average_precision() for a in accs.values() if a.n_gt > 0]
-    if not aps:
-        return 0.0, 0.0
-    i50 = int(abs(IOU_THRESHOLDS - 0.5).argmin())
-    return float(sum(ap.mean() for ap in aps) / len(aps)), float(sum(ap[i50] for ap in aps) / len(aps))
 
 
 def _paired_interval(reference: list[float], candidate: list[float], *, draws: int = 2000) -> list[float]:

@@ -481,13 +481,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json_out:
         write_json(report, args.json_out)
     if args.plot:
-        from cellseg.edge.engines.onnxruntime_engine import OnnxRuntimeEngine
         from cellseg.training.eval_plot import format_misses, frame_outcomes, miss_breakdown, plot_eval
 
-        with OnnxRuntimeEngine(args.model) as engine:  # the model's own 16-to-8-bit mapping draws the frames
-            mapping = engine.info.mapping
         outcomes = frame_outcomes(report, kept)
-        shown = plot_eval(report, outcomes, args.plot, mapping=mapping)
+        shown = plot_eval(report, outcomes, args.plot, mapping=report.mapping)
         worst = ", ".join(f"{Path(o.image).stem} ({o.count_error:+d})" for o in shown)
         print(f"\nwrote {args.plot}: counts and confluence per image; worst frames {worst}")
         print(f"where the misses are (operating confidence {report.operating_conf}):")

@@ -29,6 +29,7 @@ from cellseg.edge.bundles.engine_select import open_engine
 from cellseg.edge.capture.imageio import IMAGE_SUFFIXES, read_image
 from cellseg.edge.engines.registry import PipelineSettings
 from cellseg.edge.errors import ConfigError, DatasetError
+from cellseg.edge.pipeline.intensity import IntensityMapping
 from cellseg.edge.pipeline.types import Detections, Frame, union_of_masks
 from cellseg.training.metrics import IOU_THRESHOLDS, Accumulator, Instances, image_matches
 from cellseg.training.yolo_dataset import SPLITS, load_data_yaml, read_label_file
@@ -86,6 +87,7 @@ class EvalReport:
     splits: list[SplitReport]
     engine_precision: str = "fp32"  # as the engine reports it (int8 for a Q/DQ model, bf16, ...)
     backend: str = "onnxruntime"
+    mapping: IntensityMapping = field(default_factory=IntensityMapping)  # the model's 16-to-8-bit stretch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +211,7 @@ def evaluate(
     backend: str = "onnxruntime",
     precision: str = "fp32",
     exclude: Collection[str] = (),
+    pool: bool = False,
 ) -> tuple[EvalReport, dict[str, list[tuple[str, Instances, Instances]]]]:
     """Evaluate an ONNX model; returns the report and, with ``keep_predictions``, the raw
     (image, ground truth, predictions) triples per split (for cross-checks).
@@ -218,6 +221,7 @@ def evaluate(
     the model and at which float precision (``engine.backend``, ``engine.precision``), so that
     every precision a device may run is judged on the same frames. ``exclude``: image file names
     left out (an INT8 model's calibration frames, when it is gated on the train split).
+    ``pool``: report the splits as one, named ``val+train`` and so on (the accuracy gate's frames).
     """
     bad = [c for c in sweep if not EVAL_CONF <= c < 1.0]
     if bad:
@@ -234,10 +238,14 @@ def evaluate(
             engine, PipelineSettings(t.overridden(conf=EVAL_CONF, iou=iou, max_det=max_det))
         )
         n_classes = engine.info.num_classes
-        for split in splits:
-            if split not in SPLITS:
-                raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
-            pairs = [(image, label) for image, label in split_images(data, split) if image.name not in exclude]
+        unknown = [split for split in splits if split not in SPLITS]
+        if unknown:
+            raise DatasetError(f"unknown split {unknown[0]!r}; expected one of {SPLITS}")
+        groups = [(split, split_images(data, split)) for split in splits]
+        if pool:
+            groups = [("+".join(splits), [pair for _, pairs in groups for pair in pairs])]
+        for split, all_pairs in groups:
+            pairs = [(image, label) for image, label in all_pairs if image.name not in exclude]
             if not pairs:
                 continue
             acc = {kind: [Accumulator() for _ in range(n_classes)] for kind in ("box", "mask")}
@@ -267,7 +275,10 @@ def evaluate(
             reports.append(report)
     finally:
         engine.close()
-    return EvalReport(str(model), str(data_yaml), op_conf, reports, engine.precision, opened.backend.name), kept
+    evaluated = EvalReport(
+        str(model), str(data_yaml), op_conf, reports, engine.precision, opened.backend.name, engine.info.mapping
+    )
+    return evaluated, kept
 
 
 def _image_result(
