@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from cellseg.build.bundle import generate_keypair
+from cellseg.edge.tools.doctor import LOW_FREE_MB
 from tests.conftest import SHIPPED_MODEL
 from tests.mqtt_broker import Broker
 
@@ -77,8 +78,13 @@ def device(tmp_path: Path, data_root: Path) -> Iterator[Device]:
 def test_a_healthy_device_passes_every_check(device: Device) -> None:
     code, checks = _doctor(device)
     assert code == 0
-    for name in ("python", "packages", "config", "runtimes", "engine", "slot", "source", "broker", "state"):
+    for name in ("python", "packages", "config", "runtimes", "engine", "slot", "source", "broker"):
         assert checks[name]["status"] == "ok", checks[name]
+    # The state check also judges the free space of whatever disk the test runs on: a CI box with under
+    # a GiB free is warned about, rightly, so the expected verdict follows the same measurement.
+    free_mb = shutil.disk_usage(device.root / "state").free / 2**20
+    assert checks["state"]["status"] == ("ok" if free_mb >= LOW_FREE_MB else "warn"), checks["state"]
+    assert "is writable" in checks["state"]["detail"]
     # The slot's reference frame is the first sample frame, on which the shipped model finds 56 cells.
     assert "self-test 56 cells (expected 56)" in checks["engine"]["detail"]
     assert "every file matches its sha256" in checks["slot"]["detail"]
