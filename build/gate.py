@@ -12,10 +12,11 @@ The candidate is a model *and* the engine that runs it: an INT8 Q/DQ model on ON
 FP32 model on OpenVINO in BF16, the INT8 model on OpenVINO. The reference is the FP32 model on
 ONNX Runtime in FP32, the numbers every other precision is held to.
 
-A verdict on five frames moves with a cell or two. The count and confluence losses are means over
-images of paired differences, so the gate also gives their 95 % interval (paired bootstrap over
-the images) and says whether the verdict is *stable*: the whole interval on one side of the
-tolerance. An unstable verdict asks for more frames (``splits``), not for a looser tolerance.
+A verdict on five frames moves with a cell or two. So the gate also gives each loss's 95 %
+interval, by a paired bootstrap over the images (the same resampled images for both models; the
+mAP of each sample is recomputed from the images' matches, since mAP is not a mean over images),
+and says whether the verdict is *stable*: every interval wholly on one side of its tolerance.
+An unstable verdict asks for more frames (``splits``), not for a looser tolerance.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cellseg.edge.device import device_name
 from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.edge.hashing import file_sha256
 from cellseg.training.evaluate import evaluate
+from cellseg.training.metrics import Accumulator, map50_95
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Scored:
     counts: list[int]
     confluence: list[float]
     excluded: frozenset[str] = frozenset()
+    mask_matches: list[Accumulator] = field(default_factory=list, repr=False)  # per class, image by image
 
 
 @dataclass
@@ -90,8 +93,8 @@ class GateReport:
     agreement: dict[str, float]
     reasons: list[str] = field(default_factory=list)
     machine: dict[str, str] = field(default_factory=dict)
-    # 95 % paired-bootstrap interval of the count and confluence losses, and whether each lies
-    # wholly on one side of its tolerance.
+    # 95 % paired-bootstrap interval of each loss, and whether each lies wholly on one side of its
+    # tolerance.
     losses_ci95: dict[str, list[float]] = field(default_factory=dict)
     stable: bool = True
     excluded_calibration: int = 0  # calibration frames of an INT8 candidate left out of the split
@@ -194,7 +197,7 @@ def score_model(
     )  # fmt: skip
     return Scored(
         score, count_abs_pct, confluence_abs, [r.pred_count for r in per_image],
-        [r.pred_confluence_pct for r in per_image], exclude,
+        [r.pred_confluence_pct for r in per_image], exclude, pooled.mask_matches,
     )  # fmt: skip
 
 
@@ -217,6 +220,25 @@ def _paired_interval(reference: list[float], candidate: list[float], *, draws: i
     rng = np.random.default_rng(0)
     means = diff[rng.integers(0, diff.size, size=(draws, diff.size))].mean(axis=1)
     return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
+def _paired_map_interval(
+    reference: list[Accumulator], candidate: list[Accumulator], *, draws: int = 2000
+) -> list[float]:
+    """95 % interval of the mask mAP50-95 loss in points, resampling the same images for both
+    models. mAP is not a mean over images, so each sample's mAP is computed afresh from the
+    images' matches (kept per image by the evaluation, so nothing is matched again)."""
+    import numpy as np
+
+    n = len(reference[0].n_gts) if reference else 0
+    if n == 0 or any(len(a.n_gts) != n for a in (*reference, *candidate)):
+        raise ValueError("the reference and the candidate must be matched on the same images")
+    rng = np.random.default_rng(0)
+    losses = [
+        100 * (map50_95([a.subset(idx) for a in reference]) - map50_95([a.subset(idx) for a in candidate]))
+        for idx in rng.integers(0, n, size=(draws, n)).tolist()
+    ]
+    return [round(float(np.percentile(losses, 2.5)), 4), round(float(np.percentile(losses, 97.5)), 4)]
 
 
 def run_gate(
@@ -255,10 +277,15 @@ def run_gate(
         "confluence_pp": round(cand.confluence_mae_pp - ref.confluence_mae_pp, 4),
     }
     intervals = {
+        "mask_map_points": _paired_map_interval(ref_s.mask_matches, cand_s.mask_matches),
         "count_pct_points": _paired_interval(ref_s.count_abs_pct, cand_s.count_abs_pct),
         "confluence_pp": _paired_interval(ref_s.confluence_abs_pp, cand_s.confluence_abs_pp),
     }
-    allowed = {"count_pct_points": tol.count_pct_points, "confluence_pp": tol.confluence_pp}
+    allowed = {
+        "mask_map_points": tol.mask_map_points,
+        "count_pct_points": tol.count_pct_points,
+        "confluence_pp": tol.confluence_pp,
+    }
     stable = all(not (low <= allowed[k] < high) for k, (low, high) in intervals.items())
     reasons = []
     if losses["mask_map_points"] > tol.mask_map_points:

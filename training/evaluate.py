@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,9 @@ class SplitReport:
     instance: dict[str, float] = field(default_factory=dict)
     per_image: list[ImageResult] = field(default_factory=list)
     sweep: list[SweepRow] = field(default_factory=list)
+    # Each class's mask matches, image by image in per_image's order: what a bootstrap over the
+    # images resamples (the gate's mAP interval). Kept in memory only, never written to a report.
+    mask_matches: list[Accumulator] = field(default_factory=list, repr=False, compare=False)
 
     def best_conf(self) -> SweepRow | None:
         """The swept confidence with the smallest count error (the lower one on a tie)."""
@@ -90,7 +93,11 @@ class EvalReport:
     mapping: IntensityMapping = field(default_factory=IntensityMapping)  # the model's 16-to-8-bit stretch
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        splits = [replace(split, mask_matches=[]) for split in self.splits]
+        out = asdict(replace(self, splits=splits))
+        for split in out["splits"]:
+            del split["mask_matches"]
+        return out
 
     def format(self) -> str:
         head = (
@@ -333,6 +340,7 @@ def _split_report(
         confluence_mae_pp=confluence_mae,
         instance=instance,
         per_image=per_image,
+        mask_matches=acc["mask"],
     )
 
 

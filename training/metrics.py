@@ -115,11 +115,21 @@ class Accumulator:
     scores: list[npt.NDArray[np.float64]] = field(default_factory=list)
     tps: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     n_gt: int = 0
+    n_gts: list[int] = field(default_factory=list)  # per image, so that images can be resampled
 
     def add(self, scores: npt.NDArray[np.float64], tp: npt.NDArray[np.bool_], n_gt: int) -> None:
         self.scores.append(scores)
         self.tps.append(tp)
         self.n_gt += n_gt
+        self.n_gts.append(n_gt)
+
+    def subset(self, images: Sequence[int]) -> Accumulator:
+        """The matches of ``images`` (indices in the order added, repeats allowed): one bootstrap
+        sample of the evaluated set. Matching is per image, so a sample's AP needs no re-matching."""
+        picked = Accumulator()
+        for i in images:
+            picked.add(self.scores[i], self.tps[i], self.n_gts[i])
+        return picked
 
     def _sorted(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
         if not self.scores:
@@ -143,8 +153,8 @@ class Accumulator:
             # Interpolated precision: the best precision at this recall or any higher one.
             precision = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
             idx = np.searchsorted(recall, RECALL_POINTS, side="left")
-            q = np.array([precision[i] if i < precision.size else 0.0 for i in idx])
-            ap[t] = q.mean()
+            q = precision[np.minimum(idx, precision.size - 1)] if precision.size else np.zeros(idx.size)
+            ap[t] = np.where(idx < precision.size, q, 0.0).mean()
         return ap
 
     def f1_at(self, conf: float) -> tuple[float, float, float]:
@@ -178,6 +188,12 @@ class Accumulator:
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-16)
         best = int(np.argmax(f1))
         return float(precision[best]), float(recall[best]), float(scores[best])
+
+
+def map50_95(accumulators: Sequence[Accumulator]) -> float:
+    """Mask (or box) mAP50-95 over the classes that have ground truth; 0 when none has."""
+    aps = [a.average_precision().mean() for a in accumulators if a.n_gt > 0]
+    return float(np.mean(aps)) if aps else 0.0
 
 
 def image_matches(

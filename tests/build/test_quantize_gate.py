@@ -55,6 +55,10 @@ def test_int8_model_is_qdq_with_the_decode_in_float_and_passes_the_gate(
     report = read_report(int8_model.with_suffix(".gate.json"))
     assert report["passed"] is True and report["images"] == 5
     assert report["losses"]["mask_map_points"] <= 1.0 and report["losses"]["count_pct_points"] <= 2.0
+    # Every loss, mAP included, comes with its paired-bootstrap interval around it.
+    for key, loss in report["losses"].items():
+        low, high = report["losses_ci95"][key]
+        assert low <= loss <= high and low < high, (key, loss, low, high)
     assert report["reference"]["mask_map50_95"] > 0.2  # a real model on real frames, not an empty comparison
     # Where it was measured: INT8 arithmetic on a CPU depends on its instruction set.
     assert report["machine"]["onnxruntime"] == onnxruntime.__version__ and report["machine"]["device"]
@@ -77,6 +81,8 @@ def test_the_gate_refuses_a_quantisation_of_the_head_and_bundle_will_not_package
     assert "REFUSED" in printed and "mask mAP50-95 drops" in printed
     report = json.loads(out.with_suffix(".gate.json").read_text())
     assert report["passed"] is False and report["losses"]["mask_map_points"] > 1.0
+    # A broken head loses mAP on every resample of the frames: a refusal more frames would not overturn.
+    assert report["losses_ci95"]["mask_map_points"][0] > 1.0
     with pytest.raises(BundleError, match="accuracy gate refused"):
         make_bundle(out, tmp_path / "b.cellseg", signing_keys[0], sorted(SAMPLES.glob("*.png"))[0], gate_report=report)
     with pytest.raises(BundleError, match="needs the accuracy gate"):

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from cellseg.cli import main
 from cellseg.edge.errors import ConfigError
 from cellseg.training.evaluate import EvalReport, evaluate
-from cellseg.training.metrics import Instances
+from cellseg.training.metrics import Instances, map50_95
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,24 @@ def test_map_agrees_with_pycocotools(evaluated: tuple[EvalReport, list[Any]], ki
     assert ours["mAP50"] == pytest.approx(map50, abs=0.01)
     assert ours["mAP50-95"] == pytest.approx(map5095, abs=0.01)
     assert map50 > 0.1, "the shipped model should find cells in the val frames"
+
+
+def test_the_kept_matches_resample_images_for_a_bootstrap(evaluated: tuple[EvalReport, list[Any]]) -> None:
+    """The gate's mAP interval resamples images from the matches evaluate keeps: all of them in
+    order give the report's mAP, one image alone gives pycocotools' mAP of that image, and the
+    matches never reach the JSON report."""
+    report, triples = evaluated
+    matches = report.splits[0].mask_matches
+    assert len(matches) == 1 and len(matches[0].n_gts) == len(triples) == 5
+    everything = map50_95([acc.subset(range(5)) for acc in matches])
+    assert everything == pytest.approx(report.splits[0].mask["mAP50-95"], abs=1e-12)
+    for i in (0, 3):
+        alone = map50_95([acc.subset([i]) for acc in matches])
+        assert alone == pytest.approx(_cocoeval(triples[i : i + 1], "segm")[1], abs=0.01)
+        assert alone != pytest.approx(everything, abs=1e-3)  # a real resample, not the whole set again
+    written = report.to_dict()
+    assert "mask_matches" not in written["splits"][0] and json.dumps(written)
+    assert report.splits[0].mask_matches is matches  # to_dict leaves the report as it was
 
 
 def test_counts_and_confluence_against_ground_truth(
