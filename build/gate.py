@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellseg.edge.device import device_name
+from cellseg.edge.device import cpu_flags, device_name
 from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.edge.hashing import file_sha256
 from cellseg.training.evaluate import evaluate
@@ -150,12 +150,7 @@ def gate_machine(backend: str = "onnxruntime") -> dict[str, str]:
     CPU depends on them (build/quantize.py)."""
     import onnxruntime
 
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith(("flags", "Features")):
-                flags.update(line.split(":", 1)[1].split())
+    flags = cpu_flags()
     isa = " ".join(f for f in _INT8_ISA if f in flags) or "unknown"
     machine = {"device": device_name(), "onnxruntime": onnxruntime.__version__, "int8_isa": isa}
     machine["bf16_isa"] = " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"

@@ -211,3 +211,15 @@ def device_name() -> str:
         ]
         name = models[0] if models else name
     return f"{name} ({os.cpu_count()} cores)"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's instruction-set extensions as the kernel lists them (x86 ``flags``, Arm ``Features``);
+    empty where there is no /proc/cpuinfo."""
+    if not cpuinfo.is_file():
+        return frozenset()
+    flags: set[str] = set()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return frozenset(flags)

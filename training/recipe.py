@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cellseg.edge.config import format_errors, read_yaml
 from cellseg.edge.errors import ConfigError
@@ -68,10 +68,21 @@ class Recipe(BaseModel):
     )
     device: str = Field("cpu", description="'cpu', or a CUDA device index such as '0'")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
+    cpu_bf16: bool = Field(
+        False,
+        description="on the CPU, run the network in bfloat16 (autocast; weights, optimiser and loss stay "
+        "float32): about twice as fast where the CPU has AVX512-BF16 or AMX",
+    )
+
+    @model_validator(mode="after")
+    def _bf16_is_for_the_cpu(self) -> Recipe:
+        if self.cpu_bf16 and self.device != "cpu":
+            raise ValueError(f"cpu_bf16 is for training on the CPU; device is {self.device!r}")
+        return self
 
     def train_args(self) -> dict[str, Any]:
         """Keyword arguments for ``YOLO.train`` (the fields ultralytics knows)."""
-        return self.model_dump(exclude={"model", "threads"})
+        return self.model_dump(exclude={"model", "threads", "cpu_bf16"})
 
 
 def _parse_value(text: str) -> Any:

@@ -100,9 +100,11 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
     if resume:
         logger.info("resuming %s from %s", run_dir, last)
         model = ultralytics.YOLO(str(last))
+        _network_precision(model, recipe)
         model.train(resume=True)
     else:
         model = ultralytics.YOLO(recipe.model, task="segment")
+        _network_precision(model, recipe)
         model.train(
             data=str(data), project=str(run_dir.parent), name=run_dir.name, exist_ok=True, **recipe.train_args()
         )
@@ -127,6 +129,18 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return TrainResult(run_dir, best, manifest)
+
+
+def _network_precision(model: Any, recipe: Recipe) -> None:
+    """With ``cpu_bf16``, the network trains in bfloat16 (a resumed run keeps its recipe's choice)."""
+    if not recipe.cpu_bf16:
+        return
+    from cellseg.training.cpu_bf16 import NetworkInBf16, cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        logger.warning("cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16, AMX): training runs slower, not faster")
+    logger.info("cpu_bf16: the network trains in bfloat16; weights, optimiser and loss in float32")
+    NetworkInBf16().register(model)
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any]:

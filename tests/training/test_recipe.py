@@ -57,3 +57,10 @@ def test_bad_recipe_file(tmp_path: Path) -> None:
         load_recipe(bad)
     with pytest.raises(ConfigError, match="no such recipe file"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_cpu_bf16_is_a_cpu_setting_that_ultralytics_never_sees() -> None:
+    recipe = load_recipe(None, ["cpu_bf16=true"])
+    assert recipe.cpu_bf16 and "cpu_bf16" not in recipe.train_args()
+    with pytest.raises(ConfigError, match="cpu_bf16 is for training on the CPU; device is '0'"):
+        load_recipe(None, ["cpu_bf16=true", "device='0'"])

@@ -91,7 +91,7 @@ def _train(args: list[str], tmp_path: Path, crash: bool = False) -> tuple[subpro
 def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path: Path) -> None:
     data = _subset(usiigaci_dataset, tmp_path / "ds", ["set1", "set2", "set3", "set4"], ["set46", "set47"])
     run = tmp_path / "runs" / "tiny"
-    common = ["train", "--data", str(data), "--run", str(run)]
+    common = ["-v", "train", "--data", str(data), "--run", str(run)]  # -v: cellseg's info lines
     overrides = [
         "model=yolo11n-seg.yaml",
         "epochs=2",
@@ -100,6 +100,7 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
         "workers=0",
         "threads=2",
         "close_mosaic=0",
+        "cpu_bf16=true",  # the network in bfloat16 (where the CPU lacks it natively, emulated: slower, same path)
     ]
 
     first, attempts = _train([*common, *[arg for o in overrides for arg in ("--set", o)]], tmp_path, crash=True)
@@ -112,10 +113,20 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert attempts == [], f"network was attempted: {attempts}"
     assert "Resuming training" in second.stdout + second.stderr
+    # The resumed run keeps its recipe's bfloat16 network, and no checkpoint carries the hooks that do it.
+    for proc in (first, second):
+        assert (proc.stdout + proc.stderr).count("the network trains in bfloat16") == 1
+    import torch
+
+    for weights in ("last.pt", "best.pt"):
+        saved = torch.load(run / "weights" / weights, map_location="cpu", weights_only=False)
+        hooked = [name for name, m in saved["model"].named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        assert hooked == [] and saved["model"].model[0].conv.weight.dtype == torch.float16  # ultralytics saves fp16
 
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["epochs_completed"] == 2
     assert manifest["recipe"]["imgsz"] == 128 and manifest["recipe"]["model"] == "yolo11n-seg.yaml"
+    assert manifest["recipe"]["cpu_bf16"] is True
     assert len(manifest["dataset_sha256"]) == 64
     assert {"ultralytics", "torch", "cellseg"} <= set(manifest["versions"])
     assert manifest["best_epoch"] is not None and "metrics/mAP50-95(M)" in manifest["best_epoch"]
