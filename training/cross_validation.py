@@ -27,7 +27,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,11 +86,12 @@ class CvReport:
     groups: int
     folds: list[FoldResult]
 
-    def summary(self) -> dict[str, tuple[float, float]]:
-        """Mean and sample standard deviation over the finished folds, per metric."""
+    def summary(self, folds: Collection[int] | None = None) -> dict[str, tuple[float, float]]:
+        """Mean and sample standard deviation over the finished folds (or those of ``folds``), per metric."""
         out = {}
+        chosen = [f for f in self.folds if folds is None or f.fold in folds]
         for key in METRICS:
-            values = [f.metrics[key] for f in self.folds if not math.isnan(f.metrics[key])]
+            values = [f.metrics[key] for f in chosen if not math.isnan(f.metrics[key])]
             if values:
                 spread = statistics.stdev(values) if len(values) > 1 else float("nan")
                 out[key] = (statistics.fmean(values), spread)
@@ -374,13 +375,36 @@ def load_report(run_dir: Path) -> CvReport:
 
 
 def format_candidates(reports: Sequence[CvReport]) -> str:
-    """One row per candidate: mean ± sd over its folds of each metric."""
+    """One row per candidate: mean ± sd over its folds of each metric.
+
+    A CV of a slow candidate finishes a fold per session, so candidates are often compared before
+    all of them have every fold. Folds differ in difficulty more than candidates may, so when the
+    finished folds differ, the candidates are also compared on the folds every one of them
+    finished, provided those folds hold the same frames (the same plan).
+    """
     head = f"{'candidate':<28}{'folds':>6}{'imgsz':>6} | " + "".join(f"{label:>15}" for label in METRICS.values())
     lines = [head, "-" * len(head)]
-    for r in reports:
-        summary = r.summary()
-        lines.append(
-            f"{r.name:<28}{len(r.folds):>3}/{r.folds_total:<2}{r.recipe.get('imgsz', '?'):>6} | "
-            + "".join(f"{_pm(*summary[k]) if k in summary else '-':>15}" for k in METRICS)
-        )
+
+    def rows(folds: Collection[int] | None) -> None:
+        for r in reports:
+            summary = r.summary(folds)
+            done = len(r.folds) if folds is None else len(folds)
+            lines.append(
+                f"{r.name:<28}{done:>3}/{r.folds_total:<2}{r.recipe.get('imgsz', '?'):>6} | "
+                + "".join(f"{_pm(*summary[k]) if k in summary else '-':>15}" for k in METRICS)
+            )
+
+    rows(None)
+    finished = [{f.fold for f in r.folds} for r in reports]
+    if len(reports) < 2 or all(done == finished[0] for done in finished):
+        return "\n".join(lines)
+    common = sorted(set.intersection(*finished))
+    frames = [{f.fold: sorted(f.images) for f in r.folds if f.fold in common} for r in reports]
+    if not common:
+        lines.append("no fold is finished by every candidate: the means above are over different folds")
+    elif any(held != frames[0] for held in frames):
+        lines.append("the candidates' folds hold different frames (another plan): compare them only over all folds")
+    else:
+        lines.append(f"on the folds every candidate finished ({', '.join(map(str, common))}), like for like:")
+        rows(common)
     return "\n".join(lines)

@@ -12,7 +12,15 @@ import yaml
 
 from cellseg.cli import main
 from cellseg.edge.errors import ConfigError
-from cellseg.training.cross_validation import assign_folds, cross_validate, load_report, pool_dataset
+from cellseg.training.cross_validation import (
+    CvReport,
+    FoldResult,
+    assign_folds,
+    cross_validate,
+    format_candidates,
+    load_report,
+    pool_dataset,
+)
 from cellseg.training.fields import field_groups, groups_by_name
 from cellseg.training.recipe import load_recipe
 
@@ -133,3 +141,26 @@ def test_a_real_cv_interrupted_and_continued(
     assert main(["cv", "--compare", str(run), str(run)]) == 0
     table = capsys.readouterr().out
     assert table.count("cv ") == 2 and "2/2" in table
+
+
+def _published(name: str, folds: list[int]) -> CvReport:
+    """The project's published 3-fold CV of the nano at 640 px, limited to some of its folds."""
+    saved = json.loads((Path(__file__).parents[2] / "docs" / "cv" / "yolo11n-640-e90-k3.json").read_text())
+    kept = [FoldResult(**f) for f in saved["folds"] if f["fold"] in folds]
+    return CvReport(name, saved["recipe"], saved["data"], saved["folds_total"], saved["groups"], kept)
+
+
+def test_candidates_with_different_finished_folds_are_also_compared_on_their_common_folds() -> None:
+    full, partial = _published("full", [1, 2, 3]), _published("one-fold-so-far", [2])
+    table = format_candidates([full, partial]).splitlines()
+    assert "7.954±1.944" in table[2] and "3/3" in table[2]  # the published mean over all three folds
+    assert table[4] == "on the folds every candidate finished (2), like for like:"
+    fold2 = f"{full.folds[1].metrics['count_mape_pct']:.3f}"
+    assert fold2 == "9.982" and all(fold2 in row and "1/3" in row for row in table[5:7])
+    # The same folds done: one table. No fold in common, or folds of another plan: said, not compared.
+    assert len(format_candidates([full, _published("again", [1, 2, 3])]).splitlines()) == 4
+    apart = format_candidates([_published("a", [1]), _published("b", [3])])
+    assert apart.endswith("no fold is finished by every candidate: the means above are over different folds")
+    other_plan = _published("other", [2])
+    other_plan.folds[0].images = other_plan.folds[0].images[1:]
+    assert format_candidates([full, other_plan]).endswith("compare them only over all folds")
