@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellseg.edge.device import cpu_flags, device_name
+from cellseg.edge.device import NATIVE_BF16, cpu_flags, device_name
 from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.edge.hashing import file_sha256
 from cellseg.training.evaluate import evaluate
@@ -153,7 +153,7 @@ def gate_machine(backend: str = "onnxruntime") -> dict[str, str]:
     flags = cpu_flags()
     isa = " ".join(f for f in _INT8_ISA if f in flags) or "unknown"
     machine = {"device": device_name(), "onnxruntime": onnxruntime.__version__, "int8_isa": isa}
-    machine["bf16_isa"] = " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+    machine["bf16_isa"] = " ".join(f for f in NATIVE_BF16 if f in flags) or "none"
     if backend == "openvino":
         from importlib import metadata
 

@@ -213,6 +213,10 @@ def device_name() -> str:
     return f"{name} ({os.cpu_count()} cores)"
 
 
+# The CPU extensions that compute bfloat16 natively (elsewhere it is emulated, slower than float32).
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     """The CPU's instruction-set extensions as the kernel lists them (x86 ``flags``, Arm ``Features``);
     empty where there is no /proc/cpuinfo."""

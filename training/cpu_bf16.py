@@ -3,9 +3,11 @@
 On such a CPU, torch's bfloat16 autocast runs the network's convolutions about twice as fast
 as float32 (forward and backward of YOLO11n-seg at 1024 px, batch 4, on a 2-core Zen 5: 1.3 s
 against 3.0 s a step; YOLOv9c-seg at 640 px: 4.3 s against 10 s). A whole epoch also loads
-data and computes the loss: 1.2x faster for the nano at 640 px, 1.5x at 1024 px. ultralytics only offers
-bfloat16 on CUDA, and there it autocasts the loss as well: the anchors, box decoding and
-assignment then run in bfloat16, whose 8-bit mantissa cannot hold a coordinate such as 159.5.
+data and computes the loss: 1.2x faster for the nano at 640 px, 1.5x at 1024 px.
+
+ultralytics offers bfloat16 on CUDA only, and there it autocasts the loss as well: the anchors,
+box decoding and assignment then run in bfloat16, whose 8-bit mantissa cannot hold a coordinate
+such as 159.5.
 
 So only the network runs under autocast: it is entered when the first layer is called and left
 when the head returns, whose outputs are handed to the loss in float32. The weights, the
@@ -16,16 +18,11 @@ anywhere without this module.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
-from cellseg.edge.device import cpu_flags
-
-logger = logging.getLogger(__name__)
-
-NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
+from cellseg.edge.device import NATIVE_BF16, cpu_flags
 
 
 def cpu_has_native_bf16() -> bool:
