@@ -135,12 +135,17 @@ def _cv_command(sub: _Commands) -> None:
         help="K-fold cross-validation of a training recipe over every annotated frame, folds grouped by field",
     )
     cv.add_argument("--data", type=Path, help="dataset data.yaml (its splits are pooled)")
-    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--folds", type=int, help="number of folds (default 5, or the run's own when continuing)")
     cv.add_argument("--recipe", type=Path, help="recipe YAML (default: the seed recipe, YOLOv9c-seg)")
     cv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field (repeatable)")  # fmt: skip
     cv.add_argument("--run", type=Path, help="CV run folder; a run started again continues where it stopped")
-    cv.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    cv.add_argument("--seed", type=int, help="seed of the fold assignment (default 0, or the run's own)")
+    cv.add_argument(
+        "--from", type=Path, dest="from_report", metavar="REPORT.json",
+        help="start --run from a saved report (cv --json): its plan, recipe and finished folds, "
+        "frames found by name in --data; the folds still to do are run",
+    )  # fmt: skip
     cv.add_argument(
         "--field-pattern",
         metavar="REGEX",
@@ -150,8 +155,9 @@ def _cv_command(sub: _Commands) -> None:
     cv.add_argument("--threads", type=int, help="threads for evaluation (default: all cores)")
     cv.add_argument("--json", type=Path, dest="json_out", help="also write the report as JSON to this file")
     cv.add_argument(
-        "--compare", type=Path, nargs="+", metavar="RUN", help="print the table of finished CV runs, one row each"
-    )
+        "--compare", type=Path, nargs="+", metavar="RUN",
+        help="print the table of CV runs (run folders or saved reports), one row each",
+    )  # fmt: skip
 
 
 def _device_commands(sub: _Commands) -> None:
@@ -493,7 +499,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_cv(args: argparse.Namespace) -> int:
-    from cellseg.training.cross_validation import cross_validate, format_candidates, load_report
+    from cellseg.training.cross_validation import cross_validate, format_candidates, load_report, seed_run
     from cellseg.training.recipe import load_recipe
 
     if args.compare:
@@ -502,13 +508,21 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     if args.data is None or args.run is None:
         print("cellseg cv: error: --data and --run are needed (or --compare RUN...)", file=sys.stderr)
         return 2
+    if args.from_report:
+        seeded = seed_run(args.from_report, args.data, args.run)
+        done = ", ".join(str(f.fold) for f in seeded.folds) or "none"
+        print(f"cv: {args.run} started from {args.from_report} (folds finished: {done})", file=sys.stderr)
     saved = args.run / "recipe.yaml"
     if saved.is_file() and not (args.recipe or args.overrides):
         recipe = load_recipe(saved)  # continuing a run: its own recipe
     else:
         recipe = load_recipe(args.recipe, args.overrides)
+    plan_file = args.run / "folds.json"
+    kept = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    folds = args.folds if args.folds is not None else kept.get("folds", 5)
+    seed = args.seed if args.seed is not None else kept.get("seed", 0)
     report = cross_validate(
-        args.data, recipe, args.folds, args.run, seed=args.seed, field_pattern=args.field_pattern,
+        args.data, recipe, folds, args.run, seed=seed, field_pattern=args.field_pattern,
         only=args.fold, threads=args.threads,
     )  # fmt: skip
     print(report.format())

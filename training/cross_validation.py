@@ -14,7 +14,9 @@ size, a field never on both sides. For each fold, in ``<run>/fold<k>/``:
 
 Each fold's result is written as it finishes (``fold<k>/result.json``); a run started again skips
 finished folds and resumes an interrupted training from its last epoch, so a CV can span sessions.
-The report gives every fold and the mean and sample standard deviation over folds.
+The report gives every fold and the mean and sample standard deviation over folds. Its JSON
+(``cellseg cv --json``) carries the plan with frames by name, so it can start the run again on
+another machine (:func:`seed_run`, ``cellseg cv --from``) when the one that ran the first folds is gone.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import yaml
 from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.training.evaluate import SplitReport, evaluate, split_images
 from cellseg.training.fields import field_groups
-from cellseg.training.recipe import Recipe, load_recipe
+from cellseg.training.recipe import Recipe, load_recipe, recipe_from_dict
 from cellseg.training.yolo_dataset import SPLITS, load_data_yaml
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,22 @@ class CvReport:
     folds_total: int
     groups: int
     folds: list[FoldResult]
+    # The fold of every frame, frames by file name (unique in a pooled dataset), so that the
+    # report holds no machine's paths and can seed a run elsewhere (seed_run).
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], name: str) -> CvReport:
+        """A report read back from its JSON (``to_dict``), named ``name``."""
+        return cls(
+            name=name,
+            recipe=saved["recipe"],
+            data=saved["data"],
+            folds_total=saved["folds_total"],
+            groups=saved["groups"],
+            folds=[FoldResult(**f) for f in saved["folds"]],
+            plan=saved.get("plan", {}),
+        )
 
     def summary(self, folds: Collection[int] | None = None) -> dict[str, tuple[float, float]]:
         """Mean and sample standard deviation over the finished folds (or those of ``folds``), per metric."""
@@ -280,7 +298,7 @@ def _plan(
     groups = field_groups([p.image for p in pooled], pattern=field_pattern, progress=progress)
     fold_of = assign_folds(groups, [p.cells for p in pooled], folds, seed=seed)
     plan = {
-        "data": str(Path(data_yaml).resolve()),
+        "data": str(Path(data_yaml).absolute()),
         "folds": folds,
         "seed": seed,
         "field_pattern": field_pattern,
@@ -358,20 +376,96 @@ def fold_metrics(split: SplitReport) -> dict[str, float]:
     }
 
 
-def load_report(run_dir: Path) -> CvReport:
-    """The report of a CV run folder from its plan and finished folds."""
-    run_dir = Path(run_dir)
-    plan_file = run_dir / "folds.json"
+def load_report(source: Path) -> CvReport:
+    """The report of a CV run folder (from its plan and finished folds), or one saved as JSON."""
+    source = Path(source)
+    if source.is_file():
+        return CvReport.from_dict(_read_report(source), source.stem)
+    plan_file = source / "folds.json"
     if not plan_file.is_file():
-        raise ConfigError(f"{run_dir} is not a cross-validation run (no folds.json)")
+        raise ConfigError(f"{source} is neither a cross-validation run (no folds.json) nor a saved report")
     plan = json.loads(plan_file.read_text())
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    recipe = yaml.safe_load((source / "recipe.yaml").read_text()) if (source / "recipe.yaml").is_file() else {}
     results = []
     for fold in range(1, plan["folds"] + 1):
-        path = run_dir / f"fold{fold}" / "result.json"
+        path = source / f"fold{fold}" / "result.json"
         if path.is_file():
             results.append(FoldResult(**json.loads(path.read_text())))
-    return CvReport(run_dir.name, recipe, plan["data"], plan["folds"], plan["groups"], results)
+    portable = {key: plan.get(key) for key in ("folds", "seed", "field_pattern", "groups")}
+    portable["images"] = [
+        {"image": Path(p["image"]).name, **{key: p[key] for key in ("split", "cells", "field", "fold")}}
+        for p in plan["images"]
+    ]
+    return CvReport(source.name, recipe, _shown(plan["data"]), plan["folds"], plan["groups"], results, portable)
+
+
+def _shown(path: str) -> str:
+    """A dataset path as a report shows it: relative to the working folder when under it, so that a
+    report published from a project checkout names no machine's folders."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+        CvReport.from_dict(saved, path.stem)  # every field present and well formed
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a cellseg cv report ({type(exc).__name__}: {exc})") from exc
+    return saved
+
+
+def seed_run(report_file: Path, data_yaml: Path, run_dir: Path) -> CvReport:
+    """Start the run folder ``run_dir`` from a saved report: its plan, recipe and finished folds, with
+    the frames found by name in this machine's copy of the dataset; ``cross_validate`` then runs the
+    folds still to do. A slow candidate's CV spans sessions, and the machine that ran its first
+    folds may not come back; the report, kept with the project, is enough to go on. The plan is
+    taken as saved rather than computed again, so a change in how fields are found cannot move a
+    frame into another fold halfway through a CV."""
+    saved = _read_report(report_file)
+    plan = saved.get("plan")
+    if not plan or not plan.get("images"):
+        raise ConfigError(f"{report_file}: the report has no plan, so it cannot seed a run")
+    run_dir = Path(run_dir)
+    if (run_dir / "folds.json").exists():
+        raise ConfigError(f"{run_dir} is a CV run already; continue it without --from, or choose another --run")
+    pooled = {p.image.name: p for p in pool_dataset(data_yaml)}
+    planned = {p["image"]: p for p in plan["images"]}
+    missing = sorted(set(planned) - set(pooled))
+    unplanned = sorted(set(pooled) - set(planned))
+    recounted = sorted(n for n, p in planned.items() if n in pooled and pooled[n].cells != p["cells"])
+    problems = [
+        f"{len(missing)} planned frames are not in it (e.g. {missing[0]})" if missing else "",
+        f"{len(unplanned)} of its frames are not in the plan (e.g. {unplanned[0]})" if unplanned else "",
+        f"{len(recounted)} frames have other cell counts (e.g. {recounted[0]})" if recounted else "",
+    ]
+    if any(problems):
+        raise DatasetError(
+            f"{data_yaml} is not the dataset {report_file} was planned on: " + "; ".join(filter(None, problems))
+        )
+    results = [FoldResult(**f) for f in saved["folds"]]
+    for result in results:
+        held = sorted(n for n, p in planned.items() if p["fold"] == result.fold)
+        if sorted(result.images) != held:
+            raise ConfigError(f"{report_file}: fold {result.fold}'s frames are not the plan's")
+    recipe_from_dict(saved["recipe"], f"{report_file}: recipe")  # one this cellseg can train, checked now
+    run_dir.mkdir(parents=True, exist_ok=True)
+    local = {
+        **{key: plan[key] for key in ("folds", "seed", "field_pattern", "groups")},
+        "data": str(Path(data_yaml).absolute()),
+        "images": [{**p, "image": str(pooled[n].image), "label": str(pooled[n].label)} for n, p in planned.items()],
+    }
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved["recipe"], sort_keys=False))
+    for result in results:
+        (run_dir / f"fold{result.fold}").mkdir(exist_ok=True)
+        (run_dir / f"fold{result.fold}" / "result.json").write_text(json.dumps(asdict(result), indent=2))
+    # The plan last: a run folder with folds.json is a run, so a failure above leaves none.
+    (run_dir / "folds.json").write_text(json.dumps(local, indent=2))
+    return load_report(run_dir)
 
 
 def format_candidates(reports: Sequence[CvReport]) -> str:

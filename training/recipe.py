@@ -107,10 +107,18 @@ def load_recipe(path: Path | None = None, overrides: list[str] | None = None) ->
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key=value")
         data[key.strip()] = _parse_value(value)
+    return recipe_from_dict(data, str(path) if path else "recipe")
+
+
+def recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
+    """A recipe from its fields (as a recipe file or a saved CV report holds them); ``source`` names
+    where they came from in the error."""
     try:
         return Recipe(**data)
     except ValidationError as e:
-        raise ConfigError("\n".join(format_errors(e, str(path) if path else "recipe"))) from e
+        raise ConfigError("\n".join(format_errors(e, source))) from e
+    except TypeError as e:  # not a mapping of field: value
+        raise ConfigError(f"{source}: a recipe must be a mapping of field: value") from e
 
 
 def bundled_recipes() -> list[str]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from cellseg.cli import main
-from cellseg.edge.errors import ConfigError
+from cellseg.edge.errors import ConfigError, DatasetError
 from cellseg.training.cross_validation import (
     CvReport,
     FoldResult,
@@ -20,6 +22,7 @@ from cellseg.training.cross_validation import (
     format_candidates,
     load_report,
     pool_dataset,
+    seed_run,
 )
 from cellseg.training.fields import field_groups, groups_by_name
 from cellseg.training.recipe import load_recipe
@@ -109,11 +112,11 @@ def test_a_real_cv_interrupted_and_continued(
         cross_validate(data, recipe, 3, run)
 
     # The next session, through the command: fold 1 is kept, fold 2 is run, the table printed.
-    code = main(["cv", "--data", str(data), "--folds", "2", "--run", str(run), "--json", str(tmp_path / "cv.json")])
+    code = main(["cv", "--data", str(data), "--run", str(run), "--fold", "2", "--json", str(tmp_path / "cv.json")])
     assert code == 0
     captured = capsys.readouterr()
     said = captured.err
-    assert "cv fold 1/2: finished earlier, kept" in said
+    assert "cv fold 1/2: finished earlier, kept" not in said  # --fold 2 only
     assert re.search(r"cv fold 2/2: training on \d frames, \d held out", said)
     assert re.search(r"cv fold 2/2 done in \d+ min: count MAPE [\d.]+ %", said)
     assert fold1_result.stat().st_mtime_ns == written, "a finished fold was run again"
@@ -141,6 +144,95 @@ def test_a_real_cv_interrupted_and_continued(
     assert main(["cv", "--compare", str(run), str(run)]) == 0
     table = capsys.readouterr().out
     assert table.count("cv ") == 2 and "2/2" in table
+
+    # The machine is gone after fold 1 of a second CV; its saved report starts the run elsewhere
+    # (frames found by name in this machine's copy of the dataset), and only fold 2 is trained.
+    seen = load_report(tmp_path / "cv.json")
+    seen.folds = seen.folds[:1]
+    (tmp_path / "after-fold1.json").write_text(json.dumps(seen.to_dict()))
+    elsewhere = _small_dataset(usiigaci_dataset, tmp_path / "ds-elsewhere")
+    again = tmp_path / "cv-elsewhere"
+    assert (
+        main(["cv", "--data", str(elsewhere), "--run", str(again), "--from", str(tmp_path / "after-fold1.json")]) == 0
+    )
+    said = capsys.readouterr().err
+    assert f"started from {tmp_path / 'after-fold1.json'} (folds finished: 1)" in said
+    assert "cv fold 1/2: finished earlier, kept" in said and "cv fold 2/2 done in" in said
+    continued = load_report(again)
+    assert continued.folds[0] == report.folds[0]
+    assert continued.folds[1].images == report.folds[1].images and continued.folds[1].epochs == 1
+    assert all(Path(p["image"]).parent.parent.parent == elsewhere.parent for p in _plan_of(again)["images"])
+
+
+def _plan_of(run: Path) -> dict[str, Any]:
+    plan: dict[str, Any] = json.loads((run / "folds.json").read_text())
+    return plan
+
+
+PUBLISHED = Path(__file__).parents[2] / "docs" / "cv" / "yolo11n-640-e90-k3.json"
+
+
+def test_a_published_report_starts_the_run_again_on_another_machine(
+    usiigaci_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The project's 3-fold CV of the nano at 640 px was run on a machine that is gone; its report
+    in docs/ and the Usiigaci set imported here make the same run folder again, so nothing is
+    trained twice and the plan is the published one, not recomputed."""
+    saved = json.loads(PUBLISHED.read_text())
+    run = tmp_path / "run"
+    code = main(["cv", "--data", str(usiigaci_dataset / "data.yaml"), "--run", str(run), "--from", str(PUBLISHED)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("finished earlier, kept") == 3 and "training on" not in captured.err
+    assert "3 of 3 folds, 45 fields" in captured.out and "7.954±1.944" in captured.out
+    report = load_report(run)
+    assert [asdict(f) for f in report.folds] == saved["folds"]
+    assert report.plan == saved["plan"] and report.recipe == saved["recipe"]
+    assert load_recipe(run / "recipe.yaml").imgsz == 640
+    for planned in _plan_of(run)["images"]:
+        assert Path(planned["image"]).is_file() and Path(planned["label"]).is_file()
+        assert Path(planned["image"]).is_relative_to(usiigaci_dataset)
+
+    # Started again without --from, it is an ordinary run; another --from on it is refused.
+    assert main(["cv", "--data", str(usiigaci_dataset / "data.yaml"), "--run", str(run)]) == 0
+    assert capsys.readouterr().err.count("finished earlier, kept") == 3
+    with pytest.raises(ConfigError, match="is a CV run already"):
+        seed_run(PUBLISHED, usiigaci_dataset / "data.yaml", run)
+
+
+def test_a_report_that_does_not_fit_the_dataset_is_refused(usiigaci_dataset: Path, tmp_path: Path) -> None:
+    data = usiigaci_dataset / "data.yaml"
+    small = _small_dataset(usiigaci_dataset, tmp_path / "ds")
+    with pytest.raises(DatasetError, match=r"not the dataset .* 37 planned frames are not in it \(e\.g\. set10\.png\)"):
+        seed_run(PUBLISHED, small, tmp_path / "run")
+    assert not (tmp_path / "run" / "folds.json").exists()
+
+    saved = json.loads(PUBLISHED.read_text())
+    recounted = json.loads(PUBLISHED.read_text())
+    recounted["plan"]["images"][0]["cells"] += 1
+    moved = json.loads(PUBLISHED.read_text())
+    moved["folds"][0]["images"][0] = "set1.png"
+    broken = {**saved, "recipe": {**saved["recipe"], "imgsz": "large"}}
+    cases = [
+        (recounted, DatasetError, r"1 frames have other cell counts \(e\.g\. set1\.png\)"),
+        (moved, ConfigError, "fold 1's frames are not the plan's"),
+        ({k: v for k, v in saved.items() if k != "plan"}, ConfigError, "has no plan"),
+        (
+            {k: v for k, v in saved.items() if k != "folds"},
+            ConfigError,
+            r"not a cellseg cv report \(KeyError: 'folds'\)",
+        ),
+        (broken, ConfigError, "recipe: imgsz"),
+    ]
+    for i, (report, error, message) in enumerate(cases):
+        path = tmp_path / f"report{i}.json"
+        path.write_text(json.dumps(report))
+        with pytest.raises(error, match=message):
+            seed_run(path, data, tmp_path / f"run{i}")
+        assert not (tmp_path / f"run{i}" / "folds.json").exists(), "a refused report left a run behind"
+    (tmp_path / "cut.json").write_text(PUBLISHED.read_text()[:5000])
+    with pytest.raises(ConfigError, match=r"not a cellseg cv report \(JSONDecodeError"):
+        seed_run(tmp_path / "cut.json", data, tmp_path / "cut")
 
 
 def _published(name: str, folds: list[int]) -> CvReport:
