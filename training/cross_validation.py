@@ -77,6 +77,9 @@ class FoldResult:
     train_seconds: float
     epochs: int
     per_image: list[dict[str, Any]] = field(default_factory=list)
+    # The dtypes the fold's network trained in (cpu_bf16 falls back to float32 on a CPU without
+    # native bfloat16, so one CV may hold both); empty in reports from before it was recorded.
+    network_dtype: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -362,6 +365,7 @@ def _run_fold(
         train_seconds=float(manifest.get("train_seconds", 0.0)),
         epochs=int(manifest.get("epochs_completed", 0)),
         per_image=[asdict(r) for r in held.per_image],
+        network_dtype=list(manifest.get("network_dtype", [])),
     )
 
 

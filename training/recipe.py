@@ -71,7 +71,7 @@ class Recipe(BaseModel):
     cpu_bf16: bool = Field(
         False,
         description="on the CPU, run the network in bfloat16 (autocast; weights, optimiser and loss stay "
-        "float32): about twice as fast where the CPU has AVX512-BF16 or AMX",
+        "float32): about twice as fast where the CPU has AVX512-BF16 or AMX; float32 on a CPU without them",
     )
 
     @model_validator(mode="after")

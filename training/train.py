@@ -100,11 +100,11 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
     if resume:
         logger.info("resuming %s from %s", run_dir, last)
         model = ultralytics.YOLO(str(last))
-        _network_precision(model, recipe)
+        dtype = _network_precision(model, recipe)
         model.train(resume=True)
     else:
         model = ultralytics.YOLO(recipe.model, task="segment")
-        _network_precision(model, recipe)
+        dtype = _network_precision(model, recipe)
         model.train(
             data=str(data), project=str(run_dir.parent), name=run_dir.name, exist_ok=True, **recipe.train_args()
         )
@@ -123,6 +123,8 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
         "versions": package_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "train_seconds": round(elapsed + float(previous.get("train_seconds", 0.0)), 1),
+        # Every dtype the network trained in, in order: a run resumed on another CPU may change it.
+        "network_dtype": list(dict.fromkeys([*previous.get("network_dtype", []), dtype])),
         "epochs_completed": len(rows),
         "best_epoch": best_epoch(rows),
         "best_weights": str(best),
@@ -131,16 +133,27 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
     return TrainResult(run_dir, best, manifest)
 
 
-def _network_precision(model: Any, recipe: Recipe) -> None:
-    """With ``cpu_bf16``, the network trains in bfloat16 (a resumed run keeps its recipe's choice)."""
+def _network_precision(model: Any, recipe: Recipe) -> str:
+    """The dtype the network trains in: bfloat16 with ``cpu_bf16`` on a CPU that computes it
+    natively, else float32 (a resumed run keeps its recipe's choice, and this machine's answer).
+
+    Without AVX512-BF16 or AMX, torch runs bfloat16 convolutions on reference kernels: a training
+    step of the nano at 1024 px took 843 s on a 2-core Zen 3 (AVX2), where float32 takes seconds.
+    So there the recipe's ``cpu_bf16`` falls back to float32, said and recorded in the manifest,
+    and a recipe stays usable on every machine a CV or a resumed run passes through."""
     if not recipe.cpu_bf16:
-        return
+        return "float32"
     from cellseg.training.cpu_bf16 import NetworkInBf16, cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
-        logger.warning("cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16, AMX): training runs slower, not faster")
+        logger.warning(
+            "cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), and emulated it is hundreds of "
+            "times slower; the network trains in float32 here"
+        )
+        return "float32"
     logger.info("cpu_bf16: the network trains in bfloat16; weights, optimiser and loss in float32")
     NetworkInBf16().register(model)
+    return "bfloat16"
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any]:

@@ -92,3 +92,38 @@ def test_a_forward_that_fails_leaves_no_autocast_behind(network: Any, frames: to
         network(frames[:, :2])
     bf16.detach(trainer)  # the epoch's end closes what the failed forward left open
     assert not torch.is_autocast_enabled("cpu")
+
+
+class _Model:
+    """What ``_network_precision`` is handed: an ``ultralytics.YOLO`` before ``train``, here only
+    its callback registry (the training itself is tested in test_train_offline)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[str] = []
+
+    def add_callback(self, event: str, func: Any) -> None:
+        self.callbacks.append(event)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_only_where_the_cpu_computes_it(
+    native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Emulated bfloat16 convolutions are hundreds of times slower (843 s a training step of the
+    nano at 1024 px on an AVX2 CPU), so a recipe's cpu_bf16 means float32 on such a CPU, said."""
+    from cellseg.training import cpu_bf16
+    from cellseg.training.recipe import load_recipe
+    from cellseg.training.train import _network_precision
+
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: native)
+    model = _Model()
+    with caplog.at_level("INFO", logger="cellseg.training.train"):
+        dtype = _network_precision(model, load_recipe(None, ["cpu_bf16=true"]))
+    assert dtype == ("bfloat16" if native else "float32")
+    assert model.callbacks == (["on_train_epoch_start", "on_train_epoch_end", "on_train_end"] if native else [])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ([] if native else [
+        "cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), and emulated it is hundreds of times "
+        "slower; the network trains in float32 here"
+    ])  # fmt: skip
+    assert _network_precision(_Model(), load_recipe(None, [])) == "float32"

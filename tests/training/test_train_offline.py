@@ -100,7 +100,7 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
         "workers=0",
         "threads=2",
         "close_mosaic=0",
-        "cpu_bf16=true",  # the network in bfloat16 (where the CPU lacks it natively, emulated: slower, same path)
+        "cpu_bf16=true",  # the network in bfloat16 where the CPU computes it natively, else float32
     ]
 
     first, attempts = _train([*common, *[arg for o in overrides for arg in ("--set", o)]], tmp_path, crash=True)
@@ -113,9 +113,15 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert attempts == [], f"network was attempted: {attempts}"
     assert "Resuming training" in second.stdout + second.stderr
-    # The resumed run keeps its recipe's bfloat16 network, and no checkpoint carries the hooks that do it.
+    # The resumed run keeps its recipe's bfloat16 network (on a CPU without native bfloat16, the
+    # float32 it falls back to, said each time), and no checkpoint carries the hooks that do it.
+    from cellseg.training.cpu_bf16 import cpu_has_native_bf16
+
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
     for proc in (first, second):
-        assert (proc.stdout + proc.stderr).count("the network trains in bfloat16") == 1
+        said = proc.stdout + proc.stderr
+        assert said.count("the network trains in bfloat16") == (dtype == "bfloat16")
+        assert said.count("the network trains in float32 here") == (dtype == "float32")
     import torch
 
     for weights in ("last.pt", "best.pt"):
@@ -126,7 +132,7 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["epochs_completed"] == 2
     assert manifest["recipe"]["imgsz"] == 128 and manifest["recipe"]["model"] == "yolo11n-seg.yaml"
-    assert manifest["recipe"]["cpu_bf16"] is True
+    assert manifest["recipe"]["cpu_bf16"] is True and manifest["network_dtype"] == [dtype]
     assert len(manifest["dataset_sha256"]) == 64
     assert {"ultralytics", "torch", "cellseg"} <= set(manifest["versions"])
     assert manifest["best_epoch"] is not None and "metrics/mAP50-95(M)" in manifest["best_epoch"]
