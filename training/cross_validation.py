@@ -434,11 +434,17 @@ def seed_run(report_file: Path, data_yaml: Path, run_dir: Path) -> CvReport:
     plan = saved.get("plan")
     if not plan or not plan.get("images"):
         raise ConfigError(f"{report_file}: the report has no plan, so it cannot seed a run")
+    try:
+        settings = {key: plan[key] for key in ("folds", "seed", "field_pattern", "groups")}
+        planned = {
+            p["image"]: {key: p[key] for key in ("image", "split", "cells", "field", "fold")} for p in plan["images"]
+        }
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{report_file}: its plan is malformed ({type(exc).__name__}: {exc})") from exc
     run_dir = Path(run_dir)
     if (run_dir / "folds.json").exists():
         raise ConfigError(f"{run_dir} is a CV run already; continue it without --from, or choose another --run")
     pooled = {p.image.name: p for p in pool_dataset(data_yaml)}
-    planned = {p["image"]: p for p in plan["images"]}
     missing = sorted(set(planned) - set(pooled))
     unplanned = sorted(set(pooled) - set(planned))
     recounted = sorted(n for n, p in planned.items() if n in pooled and pooled[n].cells != p["cells"])
@@ -459,7 +465,7 @@ def seed_run(report_file: Path, data_yaml: Path, run_dir: Path) -> CvReport:
     recipe_from_dict(saved["recipe"], f"{report_file}: recipe")  # one this cellseg can train, checked now
     run_dir.mkdir(parents=True, exist_ok=True)
     local = {
-        **{key: plan[key] for key in ("folds", "seed", "field_pattern", "groups")},
+        **settings,
         "data": str(Path(data_yaml).absolute()),
         "images": [{**p, "image": str(pooled[n].image), "label": str(pooled[n].label)} for n, p in planned.items()],
     }

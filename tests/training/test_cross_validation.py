@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +185,7 @@ def test_a_published_report_starts_the_run_again_on_another_machine(
     assert captured.err.count("finished earlier, kept") == 3 and "training on" not in captured.err
     assert "3 of 3 folds, 45 fields" in captured.out and "7.954±1.944" in captured.out
     report = load_report(run)
-    assert [asdict(f) for f in report.folds] == saved["folds"]
+    assert report.folds == [FoldResult(**f) for f in saved["folds"]]
     assert report.plan == saved["plan"] and report.recipe == saved["recipe"]
     assert load_recipe(run / "recipe.yaml").imgsz == 640
     for planned in _plan_of(run)["images"]:
@@ -213,6 +212,9 @@ def test_a_report_that_does_not_fit_the_dataset_is_refused(usiigaci_dataset: Pat
     moved = json.loads(PUBLISHED.read_text())
     moved["folds"][0]["images"][0] = "set1.png"
     broken = {**saved, "recipe": {**saved["recipe"], "imgsz": "large"}}
+    no_seed = {**saved, "plan": {k: v for k, v in saved["plan"].items() if k != "seed"}}
+    no_fold = json.loads(PUBLISHED.read_text())
+    del no_fold["plan"]["images"][3]["fold"]
     cases = [
         (recounted, DatasetError, r"1 frames have other cell counts \(e\.g\. set1\.png\)"),
         (moved, ConfigError, "fold 1's frames are not the plan's"),
@@ -223,6 +225,8 @@ def test_a_report_that_does_not_fit_the_dataset_is_refused(usiigaci_dataset: Pat
             r"not a cellseg cv report \(KeyError: 'folds'\)",
         ),
         (broken, ConfigError, "recipe: imgsz"),
+        (no_seed, ConfigError, r"its plan is malformed \(KeyError: 'seed'\)"),
+        (no_fold, ConfigError, r"its plan is malformed \(KeyError: 'fold'\)"),
     ]
     for i, (report, error, message) in enumerate(cases):
         path = tmp_path / f"report{i}.json"
