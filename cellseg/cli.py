@@ -517,12 +517,8 @@ def _cmd_cv(args: argparse.Namespace) -> int:
         recipe = load_recipe(saved)  # continuing a run: its own recipe
     else:
         recipe = load_recipe(args.recipe, args.overrides)
-    plan_file = args.run / "folds.json"
-    kept = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
-    folds = args.folds if args.folds is not None else kept.get("folds", 5)
-    seed = args.seed if args.seed is not None else kept.get("seed", 0)
     report = cross_validate(
-        args.data, recipe, folds, args.run, seed=seed, field_pattern=args.field_pattern,
+        args.data, recipe, args.folds, args.run, seed=args.seed, field_pattern=args.field_pattern,
         only=args.fold, threads=args.threads,
     )  # fmt: skip
     print(report.format())

@@ -44,6 +44,11 @@ from cellseg.training.yolo_dataset import SPLITS, load_data_yaml
 
 logger = logging.getLogger(__name__)
 
+# A new run's number of folds and seed of the assignment, unless given.
+DEFAULT_FOLDS, DEFAULT_SEED = 5, 0
+# What a plan holds besides its frames, and what it holds of each frame in a saved report.
+_PLAN_SETTINGS = ("folds", "seed", "field_pattern", "groups")
+_PLAN_FRAME = ("image", "split", "cells", "field", "fold")
 # The confidences tried on each fold's training frames (0.20, 0.21, ..., 0.70).
 CONF_SWEEP = tuple(round(0.2 + 0.01 * i, 2) for i in range(51))
 # What the report averages over folds, with the SplitReport field each comes from.
@@ -211,19 +216,21 @@ def write_fold_dataset(
 def cross_validate(
     data_yaml: Path,
     recipe: Recipe,
-    folds: int,
+    folds: int | None,
     run_dir: Path,
     *,
-    seed: int = 0,
+    seed: int | None = None,
     field_pattern: str | None = None,
     only: Sequence[int] = (),
     threads: int | None = None,
     progress: bool = True,
 ) -> CvReport:
-    """Run (or continue) a K-fold CV; folds are numbered 1..K. ``only`` limits this call to some folds."""
+    """Run (or continue) a K-fold CV; folds are numbered 1..K. ``only`` limits this call to some folds.
+    ``folds`` and ``seed`` left ``None`` are the run's own when it continues, else the defaults."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan(data_yaml, folds, run_dir, seed=seed, field_pattern=field_pattern, progress=progress)
+    folds = int(plan["folds"])
     pooled = [PoolImage(Path(p["image"]), Path(p["label"]), p["split"], p["cells"]) for p in plan["images"]]
     fold_of = [p["fold"] for p in plan["images"]]
     saved_recipe = run_dir / "recipe.yaml"
@@ -276,14 +283,14 @@ def _announcer(progress: bool) -> Callable[[str], None]:
 
 
 def _plan(
-    data_yaml: Path, folds: int, run_dir: Path, *, seed: int, field_pattern: str | None, progress: bool
+    data_yaml: Path, folds: int | None, run_dir: Path, *, seed: int | None, field_pattern: str | None, progress: bool
 ) -> dict[str, Any]:
     """The fold of every frame, computed once and kept in ``folds.json`` so that a continued run
     (or one on another machine) trains on exactly the same folds."""
     plan_file = run_dir / "folds.json"
     if plan_file.is_file():
         plan: dict[str, Any] = json.loads(plan_file.read_text())
-        if plan["folds"] != folds or plan["seed"] != seed:
+        if (folds is not None and plan["folds"] != folds) or (seed is not None and plan["seed"] != seed):
             raise ConfigError(
                 f"{run_dir} holds a {plan['folds']}-fold CV with seed {plan['seed']}; "
                 "continue it with those or choose another --run"
@@ -299,6 +306,8 @@ def _plan(
     if not pooled:
         raise DatasetError(f"{data_yaml}: no annotated images in any split")
     groups = field_groups([p.image for p in pooled], pattern=field_pattern, progress=progress)
+    folds = DEFAULT_FOLDS if folds is None else folds
+    seed = DEFAULT_SEED if seed is None else seed
     fold_of = assign_folds(groups, [p.cells for p in pooled], folds, seed=seed)
     plan = {
         "data": str(Path(data_yaml).absolute()),
@@ -395,10 +404,9 @@ def load_report(source: Path) -> CvReport:
         path = source / f"fold{fold}" / "result.json"
         if path.is_file():
             results.append(FoldResult(**json.loads(path.read_text())))
-    portable = {key: plan.get(key) for key in ("folds", "seed", "field_pattern", "groups")}
+    portable = {key: plan.get(key) for key in _PLAN_SETTINGS}
     portable["images"] = [
-        {"image": Path(p["image"]).name, **{key: p[key] for key in ("split", "cells", "field", "fold")}}
-        for p in plan["images"]
+        {key: p[key] for key in _PLAN_FRAME} | {"image": Path(p["image"]).name} for p in plan["images"]
     ]
     return CvReport(source.name, recipe, _shown(plan["data"]), plan["folds"], plan["groups"], results, portable)
 
@@ -435,10 +443,8 @@ def seed_run(report_file: Path, data_yaml: Path, run_dir: Path) -> CvReport:
     if not plan or not plan.get("images"):
         raise ConfigError(f"{report_file}: the report has no plan, so it cannot seed a run")
     try:
-        settings = {key: plan[key] for key in ("folds", "seed", "field_pattern", "groups")}
-        planned = {
-            p["image"]: {key: p[key] for key in ("image", "split", "cells", "field", "fold")} for p in plan["images"]
-        }
+        settings = {key: plan[key] for key in _PLAN_SETTINGS}
+        planned = {p["image"]: {key: p[key] for key in _PLAN_FRAME} for p in plan["images"]}
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{report_file}: its plan is malformed ({type(exc).__name__}: {exc})") from exc
     run_dir = Path(run_dir)
