@@ -251,7 +251,7 @@ def cross_validate(
     todo = [f for f in range(1, folds + 1) if (not only or f in only)]
     spent: list[float] = []
     for k, fold in enumerate(todo):
-        result_file = run_dir / f"fold{fold}" / "result.json"
+        result_file = _result_file(run_dir, fold)
         if result_file.is_file():
             say(f"cv fold {fold}/{folds}: finished earlier, kept ({result_file})")
             continue
@@ -262,13 +262,23 @@ def cross_validate(
         result = _run_fold(
             pooled, fold_of, fold, run_dir / f"fold{fold}", recipe, names=names, threads=threads, progress=progress
         )
-        result_file.write_text(json.dumps(asdict(result), indent=2))
+        _write_result(run_dir, result)
         spent.append(time.monotonic() - started)
         m = result.metrics
         say(f"cv fold {fold}/{folds} done in {spent[-1] / 60:.0f} min: count MAPE {m['count_mape_pct']:.1f} %, "
             f"confluence MAE {m['confluence_mae_pp']:.2f} pp, mask mAP50 {m['mask_map50']:.3f}, "
             f"F1@.5 {m['instance_f1']:.3f} at confidence {result.conf:.2f}")  # fmt: skip
     return load_report(run_dir)
+
+
+def _result_file(run_dir: Path, fold: int) -> Path:
+    return run_dir / f"fold{fold}" / "result.json"
+
+
+def _write_result(run_dir: Path, result: FoldResult) -> None:
+    path = _result_file(run_dir, result.fold)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(asdict(result), indent=2))
 
 
 def _announcer(progress: bool) -> Callable[[str], None]:
@@ -393,7 +403,7 @@ def load_report(source: Path) -> CvReport:
     """The report of a CV run folder (from its plan and finished folds), or one saved as JSON."""
     source = Path(source)
     if source.is_file():
-        return CvReport.from_dict(_read_report(source), source.stem)
+        return _read_report(source)
     plan_file = source / "folds.json"
     if not plan_file.is_file():
         raise ConfigError(f"{source} is neither a cross-validation run (no folds.json) nor a saved report")
@@ -401,7 +411,7 @@ def load_report(source: Path) -> CvReport:
     recipe = yaml.safe_load((source / "recipe.yaml").read_text()) if (source / "recipe.yaml").is_file() else {}
     results = []
     for fold in range(1, plan["folds"] + 1):
-        path = source / f"fold{fold}" / "result.json"
+        path = _result_file(source, fold)
         if path.is_file():
             results.append(FoldResult(**json.loads(path.read_text())))
     portable = {key: plan.get(key) for key in _PLAN_SETTINGS}
@@ -420,15 +430,14 @@ def _shown(path: str) -> str:
         return path
 
 
-def _read_report(path: Path) -> dict[str, Any]:
+def _read_report(path: Path) -> CvReport:
     try:
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
             raise TypeError("not a JSON object")
-        CvReport.from_dict(saved, path.stem)  # every field present and well formed
+        return CvReport.from_dict(saved, path.stem)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: not a cellseg cv report ({type(exc).__name__}: {exc})") from exc
-    return saved
 
 
 def seed_run(report_file: Path, data_yaml: Path, run_dir: Path) -> CvReport:
@@ -438,9 +447,9 @@ def seed_run(report_file: Path, data_yaml: Path, run_dir: Path) -> CvReport:
     folds may not come back; the report, kept with the project, is enough to go on. The plan is
     taken as saved rather than computed again, so a change in how fields are found cannot move a
     frame into another fold halfway through a CV."""
-    saved = _read_report(report_file)
-    plan = saved.get("plan")
-    if not plan or not plan.get("images"):
+    report = _read_report(report_file)
+    plan = report.plan
+    if not isinstance(plan, dict) or not plan.get("images"):
         raise ConfigError(f"{report_file}: the report has no plan, so it cannot seed a run")
     try:
         settings = {key: plan[key] for key in _PLAN_SETTINGS}
@@ -463,22 +472,20 @@ def seed_run(report_file: Path, data_yaml: Path, run_dir: Path) -> CvReport:
         raise DatasetError(
             f"{data_yaml} is not the dataset {report_file} was planned on: " + "; ".join(filter(None, problems))
         )
-    results = [FoldResult(**f) for f in saved["folds"]]
-    for result in results:
+    for result in report.folds:
         held = sorted(n for n, p in planned.items() if p["fold"] == result.fold)
         if sorted(result.images) != held:
             raise ConfigError(f"{report_file}: fold {result.fold}'s frames are not the plan's")
-    recipe_from_dict(saved["recipe"], f"{report_file}: recipe")  # one this cellseg can train, checked now
+    recipe_from_dict(report.recipe, f"{report_file}: recipe")  # one this cellseg can train, checked now
     run_dir.mkdir(parents=True, exist_ok=True)
     local = {
         **settings,
         "data": str(Path(data_yaml).absolute()),
         "images": [{**p, "image": str(pooled[n].image), "label": str(pooled[n].label)} for n, p in planned.items()],
     }
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved["recipe"], sort_keys=False))
-    for result in results:
-        (run_dir / f"fold{result.fold}").mkdir(exist_ok=True)
-        (run_dir / f"fold{result.fold}" / "result.json").write_text(json.dumps(asdict(result), indent=2))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(report.recipe, sort_keys=False))
+    for result in report.folds:
+        _write_result(run_dir, result)
     # The plan last: a run folder with folds.json is a run, so a failure above leaves none.
     (run_dir / "folds.json").write_text(json.dumps(local, indent=2))
     return load_report(run_dir)
