@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from cellseg.edge.errors import ConfigError, DatasetError
+from cellseg.training.mask_loss import MASK_LOSS, BoxMaskLoss
 from cellseg.training.offline import import_ultralytics_offline
 from cellseg.training.recipe import Recipe
 from cellseg.training.yolo_dataset import dataset_hash, load_data_yaml
@@ -101,10 +102,12 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
         logger.info("resuming %s from %s", run_dir, last)
         model = ultralytics.YOLO(str(last))
         dtype = _network_precision(model, recipe)
+        BoxMaskLoss().register(model)
         model.train(resume=True)
     else:
         model = ultralytics.YOLO(recipe.model, task="segment")
         dtype = _network_precision(model, recipe)
+        BoxMaskLoss().register(model)
         model.train(
             data=str(data), project=str(run_dir.parent), name=run_dir.name, exist_ok=True, **recipe.train_args()
         )
@@ -125,6 +128,8 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
         "train_seconds": round(elapsed + float(previous.get("train_seconds", 0.0)), 1),
         # Every dtype the network trained in, in order: a run resumed on another CPU may change it.
         "network_dtype": list(dict.fromkeys([*previous.get("network_dtype", []), dtype])),
+        # And the mask loss's form (the same numbers either way; runs before this one used ultralytics').
+        "mask_loss": list(dict.fromkeys([*previous.get("mask_loss", []), MASK_LOSS])),
         "epochs_completed": len(rows),
         "best_epoch": best_epoch(rows),
         "best_weights": str(best),

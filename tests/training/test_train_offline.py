@@ -122,17 +122,21 @@ def test_tiny_training_runs_offline_and_resumes(usiigaci_dataset: Path, tmp_path
         said = proc.stdout + proc.stderr
         assert said.count("the network trains in bfloat16") == (dtype == "bfloat16")
         assert said.count("the network trains in float32 here") == (dtype == "float32")
+        # The mask loss inside each box, put into each run's training criterion once.
+        assert said.count("mask loss: computed inside each object's box (v8SegmentationLoss)") == 1
     import torch
 
     for weights in ("last.pt", "best.pt"):
         saved = torch.load(run / "weights" / weights, map_location="cpu", weights_only=False)
         hooked = [name for name, m in saved["model"].named_modules() if m._forward_hooks or m._forward_pre_hooks]
         assert hooked == [] and saved["model"].model[0].conv.weight.dtype == torch.float16  # ultralytics saves fp16
+        assert getattr(saved["model"], "criterion", None) is None  # nor the criterion with cellseg's mask loss
 
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["epochs_completed"] == 2
     assert manifest["recipe"]["imgsz"] == 128 and manifest["recipe"]["model"] == "yolo11n-seg.yaml"
     assert manifest["recipe"]["cpu_bf16"] is True and manifest["network_dtype"] == [dtype]
+    assert manifest["mask_loss"] == ["in-box"]
     assert len(manifest["dataset_sha256"]) == 64
     assert {"ultralytics", "torch", "cellseg"} <= set(manifest["versions"])
     assert manifest["best_epoch"] is not None and "metrics/mAP50-95(M)" in manifest["best_epoch"]
