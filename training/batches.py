@@ -21,9 +21,9 @@ def training_batch(data: Path, recipe: Recipe, frames: tuple[int, ...], *, seed:
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
-    cfg = get_cfg(overrides={"task": "segment", **recipe.train_args()})
+    cfg: Any = get_cfg(overrides={"task": "segment", **recipe.train_args()})
     dataset = check_det_dataset(str(data))
-    built = build_yolo_dataset(cfg, dataset["train"], len(frames), dataset, mode="train")
+    built: Any = build_yolo_dataset(cfg, dataset["train"], len(frames), dataset, mode="train")
     # Mosaic partners and augmentation draw from Python's and torch's generators.
     random.seed(seed)
     torch.manual_seed(seed)
