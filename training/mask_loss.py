@@ -25,6 +25,7 @@ Written from the loss's definition; ultralytics' own code (AGPL) is not copied.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -41,8 +42,7 @@ MASK_LOSS = "in-box"
 CHUNK_ELEMENTS = 8_000_000
 
 
-def box_mask_loss(
-    *,
+def box_mask_loss(  # noqa: PLR0917  # ultralytics' criterion calls its mask loss with these, in this order
     fg_mask: torch.Tensor,
     masks: torch.Tensor,
     target_gt_idx: torch.Tensor,
@@ -51,6 +51,7 @@ def box_mask_loss(
     proto: torch.Tensor,
     pred_masks: torch.Tensor,
     imgsz: torch.Tensor,
+    *,
     overlap: bool,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
@@ -178,42 +179,18 @@ class BoxMaskLoss:
         if getattr(network, "criterion", None) is None:
             network.criterion = network.init_criterion()
         for criterion in _segmentation_criteria(network.criterion):
-            if not isinstance(criterion.__dict__.get("calculate_segmentation_loss"), _InBoxes):
-                criterion.calculate_segmentation_loss = _InBoxes(bool(criterion.overlap))
+            if not _patched(criterion):
+                in_boxes = functools.partial(box_mask_loss, overlap=bool(criterion.overlap))
+                criterion.calculate_segmentation_loss = in_boxes
                 logger.info("mask loss: computed inside each object's box (%s)", type(criterion).__name__)
+
+
+def _patched(criterion: Any) -> bool:
+    own = criterion.__dict__.get("calculate_segmentation_loss")
+    return isinstance(own, functools.partial) and own.func is box_mask_loss
 
 
 def _segmentation_criteria(criterion: Any) -> list[Any]:
     """The criterion's segmentation losses (an end-to-end head holds two)."""
     parts = [criterion, getattr(criterion, "one2many", None), getattr(criterion, "one2one", None)]
     return [p for p in parts if p is not None and hasattr(type(p), "calculate_segmentation_loss")]
-
-
-class _InBoxes:
-    """``calculate_segmentation_loss`` for one criterion (which knows its masks' form)."""
-
-    def __init__(self, overlap: bool) -> None:
-        self.overlap = overlap
-
-    def __call__(  # noqa: PLR0917  # called positionally by ultralytics' criterion
-        self,
-        fg_mask: torch.Tensor,
-        masks: torch.Tensor,
-        target_gt_idx: torch.Tensor,
-        target_bboxes: torch.Tensor,
-        batch_idx: torch.Tensor,
-        proto: torch.Tensor,
-        pred_masks: torch.Tensor,
-        imgsz: torch.Tensor,
-    ) -> torch.Tensor:
-        return box_mask_loss(
-            fg_mask=fg_mask,
-            masks=masks,
-            target_gt_idx=target_gt_idx,
-            target_bboxes=target_bboxes,
-            batch_idx=batch_idx,
-            proto=proto,
-            pred_masks=pred_masks,
-            imgsz=imgsz,
-            overlap=self.overlap,
-        )
