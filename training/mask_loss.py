@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 # The name a training manifest records for this loss.
 MASK_LOSS = "in-box"
 
-# Elements (objects x anchors x window pixels) of one chunk's logits: about 32 MB in float32,
-# bounding the peak memory whatever the batch holds.
+# The most logits (objects x anchors x window pixels, padding included) one chunk of objects may
+# hold: 32 MB in float32. Objects go into chunks by growing window, so that padding stays small.
 CHUNK_ELEMENTS = 8_000_000
 
 
@@ -112,7 +112,8 @@ def box_mask_loss(  # noqa: PLR0917  # ultralytics' criterion calls its mask los
 
     total = proto.new_zeros(())
     by_size = torch.argsort(width * height)
-    for start, stop in _chunks((width * height)[by_size].tolist(), sizes[by_size].tolist(), chunk_elements):
+    shapes = zip(height[by_size].tolist(), width[by_size].tolist(), sizes[by_size].tolist(), strict=True)
+    for start, stop in _chunks(list(shapes), chunk_elements):
         chunk = by_size[start:stop]
         win_h, win_w = int(height[chunk].max()), int(width[chunk].max())
         k = int(sizes[chunk].max())
@@ -145,19 +146,20 @@ def box_mask_loss(  # noqa: PLR0917  # ultralytics' criterion calls its mask los
     return total / fg_mask.sum()
 
 
-def _chunks(windows: list[int], anchors: list[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive (start, stop) runs of groups, ordered by growing window, each as long as its
-    logits fit ``budget`` once padded to its largest window and anchor count (at least one group)."""
+def _chunks(shapes: list[tuple[int, int, int]], budget: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) runs of objects, given as (window height, window width, anchors):
+    each run as long as its logits fit ``budget`` once padded to its tallest and widest window and
+    its largest anchor count (a run has at least one object)."""
     runs: list[tuple[int, int]] = []
-    start, most = 0, 0
-    for i, (window, count) in enumerate(zip(windows, anchors, strict=True)):
-        most_with = max(most, count)
-        if i > start and (i + 1 - start) * window * most_with > budget:
+    start, most = 0, (0, 0, 0)
+    for i, shape in enumerate(shapes):
+        grown = (max(most[0], shape[0]), max(most[1], shape[1]), max(most[2], shape[2]))
+        if i > start and (i + 1 - start) * grown[0] * grown[1] * grown[2] > budget:
             runs.append((start, i))
-            start, most_with = i, count
-        most = most_with
-    if windows:
-        runs.append((start, len(windows)))
+            start, grown = i, shape
+        most = grown
+    if shapes:
+        runs.append((start, len(shapes)))
     return runs
 
 

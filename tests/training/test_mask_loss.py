@@ -114,8 +114,10 @@ def test_chunks_and_images_without_cells(ultralytics: Any, usiigaci_dataset: Pat
     assert float(box_mask_loss(**{**inputs, "target_bboxes": on_grid}, overlap=True)) == pytest.approx(
         float(theirs(target_bboxes=on_grid)), rel=1e-5
     )
-    # One object per chunk: the padding of a chunk changes nothing.
-    assert float(box_mask_loss(**inputs, overlap=True, chunk_elements=1)) == pytest.approx(float(whole), rel=1e-5)
+    # One object per chunk, and chunks of a few objects padded to the largest: the same loss.
+    for budget in (1, 100_000):
+        chunked = box_mask_loss(**inputs, overlap=True, chunk_elements=budget)
+        assert float(chunked) == pytest.approx(float(whole), rel=1e-5)
 
     # An image whose anchors are all background (a frame with no cells): its share is zero, the
     # others' unchanged, and the prototypes stay in the graph.
