@@ -18,10 +18,7 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,24 +26,6 @@ sys.path.insert(0, str(REPO))
 DEFAULT_DATA = Path(os.environ.get("CELLSEG_DATA", REPO.parent / "shared" / "data"))
 CASES = ("yolo11n-seg.yaml:640", "yolo11n-seg.yaml:1024", "yolov9c-seg.yaml:640")
 FRAMES = (0, 5, 11, 17)  # a batch of 4, as the CPU recipe
-
-
-def step(network: Any, batch: dict[str, Any], *, in_boxes: bool) -> tuple[float, float, float, float]:
-    """(forward, loss, backward seconds, mask loss value) of one training step."""
-    from cellseg.training.mask_loss import BoxMaskLoss
-
-    network.criterion = network.init_criterion()
-    if in_boxes:
-        BoxMaskLoss().attach(SimpleNamespace(model=network))
-    network.zero_grad()
-    started = time.perf_counter()
-    preds = network(batch["img"])
-    forward = time.perf_counter()
-    loss, items = network.loss(batch, preds)
-    lossed = time.perf_counter()
-    loss.sum().backward()
-    done = time.perf_counter()
-    return forward - started, lossed - forward, done - lossed, float(items["seg_loss"])
 
 
 def main() -> int:
@@ -63,7 +42,7 @@ def main() -> int:
     import torch
 
     from cellseg.edge.device import cpu_flags, device_name
-    from cellseg.training.batches import training_batch
+    from cellseg.training.batches import training_batch, training_network, training_step
     from cellseg.training.import_labels import import_label_images
     from cellseg.training.offline import import_ultralytics_offline
     from cellseg.training.recipe import load_recipe
@@ -78,14 +57,15 @@ def main() -> int:
             model, _, imgsz = case.rpartition(":")
             recipe = load_recipe(Path("usiigaci-yolo11n-seg-cpu.yaml"), [f"imgsz={imgsz}"])
             batch, cfg = training_batch(work / "ds" / "data.yaml", recipe, FRAMES)
-            network = ultralytics.YOLO(model, task="segment").model.float().train()
-            network.args = cfg
+            network = training_network(ultralytics, model, cfg)
             print(f"{case}: {len(batch['cls'])} cells in {len(FRAMES)} mosaics ...", flush=True)
             for in_boxes in (False, True):
-                step(network, batch, in_boxes=in_boxes)  # warm-up
-                timed = [step(network, batch, in_boxes=in_boxes) for _ in range(args.runs)]
-                medians = [statistics.median(t[i] for t in timed) for i in range(3)]
-                rows.append((case, "in boxes" if in_boxes else "ultralytics", *medians, timed[0][3]))
+                training_step(network, batch, in_boxes=in_boxes)  # warm-up
+                timed = [training_step(network, batch, in_boxes=in_boxes) for _ in range(args.runs)]
+                medians = [
+                    statistics.median(getattr(t, part) for t in timed) for part in ("forward_s", "loss_s", "backward_s")
+                ]
+                rows.append((case, "in boxes" if in_boxes else "ultralytics", *medians, timed[0].items["seg_loss"]))
 
     vector = "AVX-512" if "avx512f" in cpu_flags() else "AVX2" if "avx2" in cpu_flags() else "no AVX2"
     print(f"\ntraining step, batch {len(FRAMES)}, float32, {args.threads} threads, median of {args.runs}; "

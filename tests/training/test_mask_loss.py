@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from cellseg.training.batches import training_batch
+from cellseg.training.batches import training_batch, training_network, training_step
 from cellseg.training.mask_loss import BoxMaskLoss, box_mask_loss
 from cellseg.training.offline import import_ultralytics_offline
 from cellseg.training.recipe import load_recipe
@@ -35,20 +35,11 @@ def _batch(dataset: Path, *, imgsz: int, overlap: bool) -> tuple[dict[str, Any],
 
 
 def _network(ultralytics: Any, cfg: Any) -> Any:
-    network = ultralytics.YOLO(str(SHIPPED_WEIGHTS), task="segment").model.float().train()
-    network.args = cfg
-    for p in network.parameters():
-        p.requires_grad_(True)
-    return network
+    return training_network(ultralytics, str(SHIPPED_WEIGHTS), cfg)
 
 
 def _loss_and_gradients(network: Any, batch: dict[str, Any], *, in_boxes: bool) -> tuple[Any, dict[str, torch.Tensor]]:
-    network.criterion = network.init_criterion()
-    if in_boxes:
-        BoxMaskLoss().attach(SimpleNamespace(model=network))
-    network.zero_grad()
-    loss, items = network.loss(batch, network(batch["img"]))
-    loss.sum().backward()
+    items = training_step(network, batch, in_boxes=in_boxes).items
     return items, {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
 
 
