@@ -260,7 +260,7 @@ def cross_validate(
         say(f"cv fold {fold}/{folds}: training on {len(fold_of) - held} frames, {held} held out{eta}")
         started = time.monotonic()
         result = _run_fold(
-            pooled, fold_of, fold, run_dir / f"fold{fold}", recipe, names=names, threads=threads, progress=progress
+            pooled, fold_of, fold, _fold_dir(run_dir, fold), recipe, names=names, threads=threads, progress=progress
         )
         _write_result(run_dir, result)
         spent.append(time.monotonic() - started)
@@ -271,8 +271,12 @@ def cross_validate(
     return load_report(run_dir)
 
 
+def _fold_dir(run_dir: Path, fold: int) -> Path:
+    return run_dir / f"fold{fold}"
+
+
 def _result_file(run_dir: Path, fold: int) -> Path:
-    return run_dir / f"fold{fold}" / "result.json"
+    return _fold_dir(run_dir, fold) / "result.json"
 
 
 def _write_result(run_dir: Path, result: FoldResult) -> None:

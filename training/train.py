@@ -101,13 +101,11 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
     if resume:
         logger.info("resuming %s from %s", run_dir, last)
         model = ultralytics.YOLO(str(last))
-        dtype = _network_precision(model, recipe)
-        BoxMaskLoss().register(model)
+        dtype = _training_hooks(model, recipe)
         model.train(resume=True)
     else:
         model = ultralytics.YOLO(recipe.model, task="segment")
-        dtype = _network_precision(model, recipe)
-        BoxMaskLoss().register(model)
+        dtype = _training_hooks(model, recipe)
         model.train(
             data=str(data), project=str(run_dir.parent), name=run_dir.name, exist_ok=True, **recipe.train_args()
         )
@@ -136,6 +134,12 @@ def train(recipe: Recipe, data: Path, run_dir: Path, resume: bool = False) -> Tr
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return TrainResult(run_dir, best, manifest)
+
+
+def _training_hooks(model: Any, recipe: Recipe) -> str:
+    """cellseg's callbacks on ``model`` before it trains (or resumes); the dtype its network trains in."""
+    BoxMaskLoss().register(model)
+    return _network_precision(model, recipe)
 
 
 def _network_precision(model: Any, recipe: Recipe) -> str:
